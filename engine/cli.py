@@ -1,0 +1,84 @@
+"""Command line of covidct-batch: parses options, builds a ScreenConfig, calls pipeline.run()."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from .contract import DISCLAIMER
+from .logs import setup_logging
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("inputs", nargs=-1, type=click.Path(path_type=str))
+@click.option("--model", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="ONNX model written by covidct-export (its embedded contract drives preprocessing).")
+@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Output folder: predictions/part-*.parquet and run.json. Reusing it resumes.")
+@click.option("--from-list", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="A file with one input path per line.")
+@click.option("--overwrite", is_flag=True, help="Discard OUT's earlier predictions and start afresh.")
+@click.option("--batch-size", type=click.IntRange(1, 4096), default=None, help="Images per inference batch (32).")
+@click.option("--num-cpus", type=click.IntRange(1), default=None, help="CPUs of the local Ray runtime (all cores).")
+@click.option("--predictors", type=click.IntRange(1), default=None,
+              help="Predictor actors (default: one per GPU, else one per node).")
+@click.option("--inference-threads", type=click.IntRange(1), default=None,
+              help="ONNX Runtime threads per predictor (default: the node's CPUs on the CPU provider).")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--address", default=None, help="Join this Ray cluster (e.g. 10.0.0.5:6379) instead of a local runtime.")
+@click.option("--no-progress", is_flag=True, help="No progress line on stderr.")
+@click.option("-v", "--verbose", is_flag=True)
+def main(inputs, model, out, from_list, overwrite, batch_size, num_cpus, predictors, inference_threads, device,
+         address, no_progress, verbose):
+    """Screen CT slices under INPUT... (folders, files) with MODEL; one prediction row per file.
+
+    Exit codes: 0 every file ok or skipped; 1 finished, some files are error rows;
+    2 nothing done (bad options, no model, broken contract, Ray unreachable); 130 interrupted.
+    """
+    setup_logging(verbose)
+    from .pipeline import EXIT_BAD_RUN, EXIT_INTERRUPTED, RunError, ScreenConfig, run
+
+    opts = {"batch_size": batch_size, "num_cpus": num_cpus, "predictors": predictors,
+            "inference_threads": inference_threads}
+    try:
+        cfg = ScreenConfig(inputs=tuple(inputs), model=model, out=out, from_list=from_list, overwrite=overwrite,
+                           device=device, address=address, progress=not no_progress,
+                           **{k: v for k, v in opts.items() if v is not None})
+        summary = run(cfg)
+    except RunError as e:
+        click.echo(f"covidct-batch: error: {e}", err=True)
+        sys.exit(EXIT_BAD_RUN)
+    except KeyboardInterrupt:
+        click.echo("covidct-batch: interrupted; parts already written are kept, rerun to resume", err=True)
+        sys.exit(EXIT_INTERRUPTED)
+    click.echo(format_summary(summary.run, out))
+    sys.exit(summary.exit_code)
+
+
+def format_summary(run: dict, out: Path) -> str:
+    c = run["counts"]
+    lines = ["", "covidct-batch summary", "-" * 44]
+    for label, n in sorted(c["by_label"].items()):
+        lines.append(f"  ok, label {label:<22} {n:>10,}")
+    lines.append(f"  {'ok (all)':<32} {c['ok']:>10,}")
+    for r in c["by_reason"]:
+        lines.append(f"  {r['status'] + ', ' + str(r['reason']):<32} {r['files']:>10,}")
+    lines.append(f"  {'already done (resumed)':<32} {c['already_done']:>10,}")
+    lines.append("-" * 44)
+    steady = run.get("steady_images_per_s")
+    lines.append(f"  throughput {run['images_per_s']:,.1f} img/s end to end"
+                 + (f", {steady:,.1f} img/s steady" if steady else "") + f" over {run['seconds']:.1f} s")
+    lat = run["latency_ms"]
+    lines.append("  latency ms p50/p95/p99: " + "; ".join(
+        f"{k.replace('_ms', '')} {v['p50']}/{v['p95']}/{v['p99']}" for k, v in lat.items() if v["p50"] is not None))
+    lines.append(f"  provider {', '.join(run['execution_providers'])}; model sha256 {run['model']['sha256'][:12]}")
+    lines.append(f"  predictions: {Path(out) / 'predictions'}/part-*.parquet; run record: {Path(out) / 'run.json'}")
+    lines.append(f"  exit code {run['exit_code']}")
+    lines.append(DISCLAIMER)
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,176 @@
+"""The preprocessing contract a model carries inside its ONNX ``metadata_props``.
+
+Training writes it, export embeds it, the engine reads it and nothing else: every
+preprocessing constant (size, channels, interpolation, window, threshold, class names)
+lives in one place, the model file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+import cv2
+
+#: Key under which the contract JSON is stored in the ONNX model's metadata_props.
+METADATA_KEY = "covidct_contract"
+SCHEMA_VERSION = 1
+
+DEFAULT_INTERPOLATION = "area"
+
+#: Interpolation names a contract may use, mapped to OpenCV flags.
+INTERPOLATIONS = {
+    "area": cv2.INTER_AREA,
+    "linear": cv2.INTER_LINEAR,
+    "cubic": cv2.INTER_CUBIC,
+    "nearest": cv2.INTER_NEAREST,
+}
+
+#: Default CT window (Hounsfield units) that maps DICOM pixels to grey: a lung window.
+LUNG_WINDOW = {"level": -600.0, "width": 1500.0}
+
+DISCLAIMER = (
+    "Research use only: covidct-batch is a triage aid for research, not a medical device, "
+    "and its outputs are not a diagnosis."
+)
+
+
+class ContractError(ValueError):
+    """The model's contract is missing or invalid."""
+
+
+@dataclass(frozen=True)
+class Contract:
+    """What a model expects and how its output is read.
+
+    Attributes:
+        image_size: (height, width) the image is resized to.
+        class_names: (negative, positive) class folder names, in that order.
+        positive_class: the class a probability refers to (``class_names[1]``).
+        threshold: probability at or above which a slice is labelled positive.
+        channels: grey images only: 1.
+        interpolation: key of ``INTERPOLATIONS`` used by ``cv2.resize``.
+        input_name / output_name: ONNX tensor names.
+        input_dtype / layout: the input is uint8 NHWC; scaling happens in the graph.
+        precision: "fp32", or "int8" for a QDQ-quantized model.
+        window: CT window (level, width in HU) applied to DICOM pixels.
+        metrics: test-split metrics from training (informational).
+        source_sha256: hash of the Keras model the ONNX file was exported from.
+        project_version: covidct-batch version that wrote the contract.
+    """
+
+    image_size: tuple[int, int]
+    class_names: tuple[str, str]
+    positive_class: str
+    threshold: float
+    channels: int = 1
+    interpolation: str = DEFAULT_INTERPOLATION
+    precision: str = "fp32"
+    input_name: str = "image"
+    output_name: str = "probability"
+    input_dtype: str = "uint8"
+    layout: str = "NHWC"
+    window: dict[str, float] = field(default_factory=lambda: dict(LUNG_WINDOW))
+    metrics: dict[str, Any] = field(default_factory=dict)
+    source_sha256: str = ""
+    project_version: str = ""
+    schema_version: int = SCHEMA_VERSION
+
+    def __post_init__(self) -> None:
+        problems = self.problems()
+        if problems:
+            raise ContractError("invalid preprocessing contract: " + "; ".join(problems))
+
+    def problems(self) -> list[str]:
+        """Every way this contract is invalid (empty when it is valid)."""
+        p: list[str] = []
+        size = self.image_size
+        if (not isinstance(size, (tuple, list)) or len(size) != 2
+                or not all(isinstance(v, int) and 8 <= v <= 4096 for v in size)):
+            p.append(f"image_size must be two integers in 8..4096, e.g. [256, 256]; got {size!r}")
+        if self.channels != 1:
+            p.append(f"channels must be 1 (grey); got {self.channels!r}")
+        if self.interpolation not in INTERPOLATIONS:
+            p.append(f"interpolation must be one of {sorted(INTERPOLATIONS)}; got {self.interpolation!r}")
+        if self.precision not in ("fp32", "int8"):
+            p.append(f"precision must be 'fp32' or 'int8'; got {self.precision!r}")
+        if self.input_dtype != "uint8" or self.layout != "NHWC":
+            p.append(f"input must be uint8 NHWC; got {self.input_dtype} {self.layout}")
+        if len(self.class_names) != 2 or len(set(self.class_names)) != 2:
+            p.append(f"class_names must be two distinct names [negative, positive]; got {self.class_names!r}")
+        elif self.positive_class != self.class_names[1]:
+            p.append(f"positive_class {self.positive_class!r} must be class_names[1] ({self.class_names[1]!r})")
+        if not isinstance(self.threshold, (int, float)) or not 0.0 <= float(self.threshold) <= 1.0:
+            p.append(f"threshold must be a probability in [0, 1], e.g. 0.5; got {self.threshold!r}")
+        w = self.window
+        if not isinstance(w, dict) or not {"level", "width"} <= set(w) or not float(w.get("width", 0)) > 0:
+            p.append(f"window must be {{'level': HU, 'width': HU > 0}}, e.g. {LUNG_WINDOW}; got {w!r}")
+        if self.schema_version != SCHEMA_VERSION:
+            p.append(f"schema_version {self.schema_version!r} is not supported (this engine reads {SCHEMA_VERSION})")
+        return p
+
+    @property
+    def height(self) -> int:
+        return self.image_size[0]
+
+    @property
+    def width(self) -> int:
+        return self.image_size[1]
+
+    @property
+    def cv2_interpolation(self) -> int:
+        return INTERPOLATIONS[self.interpolation]
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "Contract":
+        """Parse a contract (JSON only, never ``eval``); raise ContractError naming what is wrong."""
+        try:
+            data = json.loads(text)
+        except (TypeError, json.JSONDecodeError) as e:
+            raise ContractError(f"contract is not valid JSON: {e}") from None
+        if not isinstance(data, dict):
+            raise ContractError("contract JSON must be an object")
+        known = {f.name for f in dataclasses.fields(cls)}
+        required = {"image_size", "class_names", "positive_class", "threshold"}
+        missing = sorted(required - set(data))
+        if missing:
+            raise ContractError(f"contract lacks required keys {missing}")
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ContractError(f"contract has unknown keys {unknown} (written by a newer version?)")
+        data["image_size"] = tuple(data["image_size"])
+        data["class_names"] = tuple(data["class_names"])
+        try:
+            return cls(**data)
+        except TypeError as e:
+            raise ContractError(f"contract fields are malformed: {e}") from None
+
+
+def read_contract(model_path) -> Contract:
+    """Read the contract embedded in an ONNX model file, without loading the graph weights.
+
+    Raises:
+        ContractError: the file is not an ONNX model or carries no valid contract.
+    """
+    import onnxruntime as ort
+
+    try:
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 3
+        meta = ort.InferenceSession(str(model_path), opts, providers=["CPUExecutionProvider"]).get_modelmeta()
+    except Exception as e:  # onnxruntime raises several private exception types
+        raise ContractError(f"{model_path} is not a loadable ONNX model: {e}") from None
+    return contract_from_metadata(meta.custom_metadata_map, source=str(model_path))
+
+
+def contract_from_metadata(props: dict[str, str], source: str = "model") -> Contract:
+    if METADATA_KEY not in props:
+        raise ContractError(
+            f"{source} has no '{METADATA_KEY}' entry in its metadata: export it with covidct-export "
+            f"(keys present: {sorted(props) or 'none'})")
+    return Contract.from_json(props[METADATA_KEY])

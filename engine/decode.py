@@ -1,0 +1,231 @@
+"""The one decode+resize function: bytes in, one grey uint8 image of the contract's size out.
+
+Training (``train/``) imports it, the engine's Ray workers run it, benchmarks time it, so
+a model always sees pixels made the same way. Formats are recognised by content, never by
+extension. Every failure is a :class:`DecodeError` with a stable reason code, so a bad file
+becomes a row in the output, not a crash.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+
+import cv2
+import numpy as np
+
+from .contract import DEFAULT_INTERPOLATION, INTERPOLATIONS, LUNG_WINDOW
+
+#: Refuse images with more pixels than this, from their header, before decoding
+#: (a decompression bomb is a few KB on disk and gigabytes in memory). A CT slice is
+#: at most a few megapixels; 50 MP leaves room for scanned films.
+MAX_PIXELS = 50_000_000
+#: Refuse files larger than this without reading them (no CT slice comes near it).
+MAX_FILE_BYTES = 512 * 1024 * 1024
+
+#: Reason codes. ``SKIP_CODES`` are files that are not images at all: skipped, not errors.
+EMPTY = "empty"
+TRUNCATED = "truncated"
+CORRUPT = "corrupt"
+TOO_LARGE = "too_large"
+UNSUPPORTED_PIXELS = "unsupported_pixels"
+DICOM_UNSUPPORTED = "dicom_unsupported"
+NOT_AN_IMAGE = "not_an_image"
+UNREADABLE = "unreadable"
+SKIP_CODES = frozenset({NOT_AN_IMAGE})
+
+
+class DecodeError(Exception):
+    """A file that could not be turned into a model input; ``code`` is a stable reason."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+    @property
+    def skipped(self) -> bool:
+        return self.code in SKIP_CODES
+
+
+def sniff(head: bytes) -> str | None:
+    """Name the image format from the first bytes of a file, or None if it is not one we read."""
+    if head[:3] == b"\xff\xd8\xff":
+        return "jpeg"
+    if head[:8] == b"\x89PNG\r\n\x1a\n":
+        return "png"
+    if head[:2] == b"BM" and len(head) >= 26:
+        return "bmp"
+    if head[:4] in (b"II*\x00", b"MM\x00*"):
+        return "tiff"
+    if head[128:132] == b"DICM":
+        return "dicom"
+    return None
+
+
+def header_size(data: bytes, fmt: str) -> tuple[int, int] | None:
+    """(width, height) read from the header without decoding, or None when it cannot be read."""
+    try:
+        if fmt == "png":
+            if data[12:16] != b"IHDR":
+                return None
+            return struct.unpack(">II", data[16:24])
+        if fmt == "bmp":
+            w, h = struct.unpack("<ii", data[18:26])
+            return abs(w), abs(h)
+        if fmt == "jpeg":
+            return _jpeg_size(data)
+        if fmt == "tiff":
+            return _tiff_size(data)
+    except struct.error:
+        return None
+    return None
+
+
+def _jpeg_size(data: bytes) -> tuple[int, int] | None:
+    i, n = 2, len(data)
+    while i + 9 < n:
+        if data[i] != 0xFF:
+            return None
+        marker = data[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+            continue
+        seg_len = struct.unpack(">H", data[i + 2:i + 4])[0]
+        # SOF0..SOF15 carry the frame size; C4 (DHT), C8 (JPG) and CC (DAC) are not frames.
+        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
+            h, w = struct.unpack(">HH", data[i + 5:i + 9])
+            return w, h
+        i += 2 + seg_len
+    return None
+
+
+def _tiff_size(data: bytes) -> tuple[int, int] | None:
+    endian = "<" if data[:2] == b"II" else ">"
+    (ifd,) = struct.unpack(endian + "I", data[4:8])
+    (count,) = struct.unpack(endian + "H", data[ifd:ifd + 2])
+    dims: dict[int, int] = {}
+    for k in range(count):
+        entry = data[ifd + 2 + 12 * k: ifd + 14 + 12 * k]
+        tag, typ = struct.unpack(endian + "HH", entry[:4])
+        if tag in (256, 257):  # ImageWidth, ImageLength (SHORT or LONG)
+            fmt = "H" if typ == 3 else "I"
+            dims[tag] = struct.unpack(endian + fmt, entry[8:8 + struct.calcsize(fmt)])[0]
+    if 256 in dims and 257 in dims:
+        return dims[256], dims[257]
+    return None
+
+
+def _check_complete(data: bytes, fmt: str) -> None:
+    # OpenCV decodes a truncated JPEG without an error and fills the rest with grey:
+    # a silent corruption the model would score. Insist on the end markers.
+    tail = data.rstrip(b"\x00")
+    if fmt == "jpeg" and not tail.endswith(b"\xff\xd9"):
+        raise DecodeError(TRUNCATED, "JPEG has no end-of-image marker (file truncated?)")
+    if fmt == "png" and b"IEND" not in tail[-16:]:
+        raise DecodeError(TRUNCATED, "PNG has no IEND chunk (file truncated?)")
+
+
+def to_grey_uint8(img: np.ndarray) -> np.ndarray:
+    """Any decoded OpenCV image (grey, BGR, BGRA; 8 or 16 bit) to one uint8 grey channel.
+
+    16-bit images map their full range linearly onto 0..255 (value / 257): the same
+    rule for every file, so a model never sees a per-image stretch.
+    """
+    if img.ndim == 3:
+        code = {3: cv2.COLOR_BGR2GRAY, 4: cv2.COLOR_BGRA2GRAY}.get(img.shape[2])
+        if code is None:
+            if img.shape[2] == 1:
+                img = img[:, :, 0]
+            else:
+                raise DecodeError(UNSUPPORTED_PIXELS, f"{img.shape[2]} channels are not supported")
+        else:
+            img = cv2.cvtColor(img, code)
+    if img.dtype == np.uint8:
+        return img
+    if img.dtype == np.uint16:
+        return cv2.convertScaleAbs(img, alpha=1.0 / 257.0)
+    raise DecodeError(UNSUPPORTED_PIXELS, f"pixel type {img.dtype} is not supported (8- or 16-bit only)")
+
+
+def decode_and_resize(
+    data: bytes,
+    image_size: tuple[int, int],
+    interpolation: str = DEFAULT_INTERPOLATION,
+    *,
+    window: dict[str, float] | None = None,
+    max_pixels: int = MAX_PIXELS,
+) -> np.ndarray:
+    """Decode one file's bytes to a grey uint8 image of ``image_size`` (height, width).
+
+    Args:
+        data: the whole file's content.
+        image_size: (height, width) of the output, from the model's contract.
+        interpolation: key of ``contract.INTERPOLATIONS`` (from the contract).
+        window: CT window for DICOM input (from the contract); lung window by default.
+        max_pixels: images whose header announces more pixels are refused before decoding.
+
+    Returns:
+        A C-contiguous uint8 array of shape ``image_size``.
+
+    Raises:
+        DecodeError: with ``code`` one of this module's reason codes.
+    """
+    if not data:
+        raise DecodeError(EMPTY, "file is empty")
+    fmt = sniff(data[:132])
+    if fmt is None:
+        raise DecodeError(NOT_AN_IMAGE, "not a JPEG, PNG, BMP, TIFF or DICOM file (recognised by content)")
+    if fmt == "dicom":
+        raise DecodeError(DICOM_UNSUPPORTED, "DICOM input is not supported by this version of covidct-batch")
+    size = header_size(data, fmt)
+    if size is None:
+        raise DecodeError(CORRUPT, f"{fmt.upper()} header is unreadable")
+    if size[0] * size[1] > max_pixels:
+        raise DecodeError(TOO_LARGE, f"{size[0]}x{size[1]} pixels exceeds the limit of {max_pixels:,} "
+                                     "(possible decompression bomb); refused before decoding")
+    if size[0] == 0 or size[1] == 0:
+        raise DecodeError(CORRUPT, f"{fmt.upper()} header announces an empty image")
+    _check_complete(data, fmt)
+    buf = np.frombuffer(data, dtype=np.uint8)
+    # JPEG: libjpeg converts to grey itself (luma only, no chroma upsampling), which is
+    # faster and equals BGR2GRAY; other formats keep depth and alpha for to_grey_uint8.
+    flags = cv2.IMREAD_GRAYSCALE if fmt == "jpeg" else cv2.IMREAD_UNCHANGED
+    try:
+        img = cv2.imdecode(buf, flags)
+    except cv2.error as e:
+        raise DecodeError(CORRUPT, f"OpenCV could not decode the {fmt.upper()} data: {e.err}") from None
+    if img is None:
+        raise DecodeError(CORRUPT, f"OpenCV could not decode the {fmt.upper()} data")
+    return resize(to_grey_uint8(img), image_size, interpolation)
+
+
+def resize(grey: np.ndarray, image_size: tuple[int, int], interpolation: str = DEFAULT_INTERPOLATION) -> np.ndarray:
+    """Resize a grey uint8 image to (height, width) with the contract's interpolation."""
+    h, w = image_size
+    if grey.shape == (h, w):
+        return np.ascontiguousarray(grey)
+    return cv2.resize(grey, (w, h), interpolation=INTERPOLATIONS[interpolation])
+
+
+def read_file(path) -> bytes:
+    """A file's bytes; refuses files over MAX_FILE_BYTES unread. Raises DecodeError('unreadable'/'too_large')."""
+    try:
+        with open(path, "rb") as f:
+            nbytes = os.fstat(f.fileno()).st_size
+            if nbytes > MAX_FILE_BYTES:
+                raise DecodeError(TOO_LARGE, f"file is {nbytes:,} bytes, over the {MAX_FILE_BYTES:,}-byte limit")
+            return f.read()
+    except OSError as e:
+        raise DecodeError(UNREADABLE, f"cannot read file: {e.strerror or e}") from None
+
+
+def decode_file(path, image_size, interpolation=DEFAULT_INTERPOLATION, *, window=None, max_pixels=MAX_PIXELS) -> np.ndarray:
+    """``read_file`` then ``decode_and_resize``."""
+    return decode_and_resize(read_file(path), image_size, interpolation, window=window, max_pixels=max_pixels)
+
+
+__all__ = [
+    "DecodeError", "decode_and_resize", "decode_file", "read_file", "sniff", "header_size", "to_grey_uint8",
+    "resize", "MAX_PIXELS", "SKIP_CODES", "LUNG_WINDOW",
+]

@@ -1,0 +1,404 @@
+"""The screening pipeline on Ray.
+
+Driver: walks the inputs lazily, skips what OUT_DIR already holds, submits batches of
+paths, and writes the small rows that come back. Decode tasks (Ray workers) read and
+decode+resize a batch with OpenCV into one uint8 array in the object store. Predictor
+actors hold the ONNX Runtime session, take that array by reference and return rows.
+Pixels never reach the driver; at most ``max_in_flight`` batches exist at once.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import os
+import platform
+import shutil
+import time
+import uuid
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from . import __version__
+from .contract import DISCLAIMER, Contract, ContractError, read_contract
+from .decode import MAX_PIXELS, DecodeError, decode_and_resize, read_file
+from .predictor import ModelError, Predictor
+from .sink import PREDICTIONS, DoneIndex, PartWriter, row_key
+from .sources import iter_inputs
+from .stats import Progress, Reservoir
+
+log = logging.getLogger(__name__)
+
+#: Exit codes of covidct-batch (documented in the README).
+EXIT_OK = 0           # every file ok or skipped
+EXIT_FILE_ERRORS = 1  # the run completed; some files are error rows
+EXIT_BAD_RUN = 2      # nothing done: bad options, no model, broken contract, Ray unreachable
+EXIT_INTERRUPTED = 130
+
+
+class RunError(RuntimeError):
+    """A run that cannot start; the CLI prints it and exits EXIT_BAD_RUN."""
+
+
+@dataclass(frozen=True)
+class ScreenConfig:
+    inputs: tuple[str, ...]
+    model: Path
+    out: Path
+    from_list: Path | None = None
+    batch_size: int = 32
+    num_cpus: int | None = None          # local runtime only; default: all cores
+    predictors: int | None = None        # default: one per GPU, else one per node
+    inference_threads: int | None = None  # per predictor; default: the node's CPUs (CPU provider)
+    decode_cpus: float = 1.0              # Ray CPUs per decode task (OpenCV runs single-threaded)
+    max_in_flight: int | None = None      # batches submitted but not written; default from workers
+    device: str = "auto"
+    address: str | None = None
+    overwrite: bool = False
+    max_pixels: int = MAX_PIXELS
+    progress: bool = True
+    rows_per_part: int = 20000
+    part_seconds: float = 30.0
+
+    def __post_init__(self):
+        if not self.inputs and self.from_list is None:
+            raise RunError("nothing to screen: give INPUT folders/files or --from-list FILE")
+        if self.batch_size < 1:
+            raise RunError(f"--batch-size must be >= 1, e.g. 32; got {self.batch_size}")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise RunError(f"--device must be auto, cpu or cuda; got {self.device!r}")
+        if self.predictors is not None and self.predictors < 1:
+            raise RunError(f"--predictors must be >= 1; got {self.predictors}")
+
+
+# --------------------------------------------------------------------------- workers
+
+def decode_batch(items: list[tuple[str, int, int]], spec: dict) -> dict:
+    """Ray task: read and decode+resize each file; one uint8 (k, H, W, 1) array for the k that decoded.
+
+    Returns ``{"images": array, "meta": [(path, size, mtime_ns, status, reason, message, read_ms,
+    decode_ms), ...]}`` in input order; rows with status "ok" map to images in order.
+    """
+    import cv2
+
+    cv2.setNumThreads(1)  # one Ray CPU per task: OpenCV must not start a pool of its own
+    h, w = spec["image_size"]
+    images = np.empty((len(items), h, w, 1), np.uint8)
+    meta, k = [], 0
+    for path, size, mtime_ns in items:
+        t0 = time.perf_counter()
+        try:
+            data = read_file(path)
+            t1 = time.perf_counter()
+            images[k, :, :, 0] = decode_and_resize(data, spec["image_size"], spec["interpolation"],
+                                                   window=spec["window"], max_pixels=spec["max_pixels"])
+            t2 = time.perf_counter()
+            k += 1
+            meta.append((path, size, mtime_ns, "ok", None, None, (t1 - t0) * 1e3, (t2 - t1) * 1e3))
+        except DecodeError as e:
+            t2 = time.perf_counter()
+            meta.append((path, size, mtime_ns, "skipped" if e.skipped else "error", e.code, e.message,
+                         (t2 - t0) * 1e3, 0.0))
+    return {"images": images[:k], "meta": meta}
+
+
+class PredictorActor:
+    """Ray actor around :class:`Predictor`: decoded batch in, result rows out."""
+
+    def __init__(self, model_path: str, threads: int, device: str, model_sha256: str, run_id: str):
+        self.predictor = Predictor(model_path, threads, device)
+        self.sha = model_sha256
+        self.run_id = run_id
+
+    def info(self) -> dict:
+        import socket
+        return {"provider": self.predictor.provider, "host": socket.gethostname(), "pid": os.getpid()}
+
+    def predict(self, decoded: dict) -> list[dict]:
+        c: Contract = self.predictor.contract
+        images, meta = decoded["images"], decoded["meta"]
+        probs, seconds = (self.predictor.predict(images) if len(images) else (np.zeros(0, np.float32), 0.0))
+        share = seconds * 1e3 / max(1, len(images))
+        rows, k = [], 0
+        for path, size, mtime_ns, status, reason, message, read_ms, decode_ms in meta:
+            row = {"path": path, "status": status, "reason": reason, "message": message,
+                   "threshold": c.threshold, "model_sha256": self.sha, "provider": self.predictor.provider,
+                   "read_ms": read_ms, "decode_ms": decode_ms, "file_size": size, "mtime_ns": mtime_ns,
+                   "run_id": self.run_id}
+            if status == "ok":
+                p = float(probs[k])
+                k += 1
+                pos = p >= c.threshold
+                row.update(probability=p, positive=pos, label=c.class_names[int(pos)], infer_ms=share)
+            rows.append(row)
+        return rows
+
+
+# --------------------------------------------------------------------------- driver
+
+@dataclass
+class RunSummary:
+    out: Path
+    counts: Counter = field(default_factory=Counter)
+    labels: Counter = field(default_factory=Counter)
+    reasons: Counter = field(default_factory=Counter)
+    already_done: int = 0
+    provider: str = ""
+    seconds: float = 0.0
+    steady_images_per_s: float | None = None
+    images_per_s: float = 0.0
+    exit_code: int = EXIT_OK
+    run: dict = field(default_factory=dict)
+
+
+def sha256_file(path: Path) -> str:
+    import hashlib
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def check_model(model: Path) -> Contract:
+    """Fail before any work: the file must exist, load in ONNX Runtime and carry a valid contract."""
+    if not Path(model).is_file():
+        raise RunError(f"model {model} does not exist (export one with covidct-export)")
+    try:
+        return read_contract(model)
+    except ContractError as e:
+        raise RunError(str(e)) from None
+
+
+def start_ray(cfg: ScreenConfig):
+    """Join ``--address`` or start a local runtime in this process, with token authentication."""
+    import ray
+
+    if ray.is_initialized():  # e.g. tests that share one runtime
+        return False
+    # Ray >= 2.59 turns token authentication on for local runtimes (it generates a token in
+    # ~/.ray/auth_token). Its servers listen on every interface, so a run must never opt out.
+    if cfg.address is None and os.environ.get("RAY_AUTH_MODE", "token").lower() != "token":
+        raise RunError(f"RAY_AUTH_MODE={os.environ['RAY_AUTH_MODE']}: covidct-batch will not start an "
+                       "unauthenticated Ray runtime (its ports are reachable from the network); unset it")
+    kwargs = dict(include_dashboard=False, log_to_driver=True, configure_logging=False)
+    try:
+        if cfg.address is None:
+            ray.init(num_cpus=cfg.num_cpus or os.cpu_count(), **kwargs)
+        else:
+            ray.init(address=cfg.address, **kwargs)
+    except Exception as e:  # ConnectionError, auth failures, bad address
+        raise RunError(f"cannot start or join Ray ({cfg.address or 'local'}): {e}. A cluster made with "
+                       "`ray start` needs RAY_AUTH_MODE=token and its token (RAY_AUTH_TOKEN or ~/.ray/auth_token)")
+    return True
+
+
+def plan_workers(cfg: ScreenConfig) -> dict:
+    """Predictor count, threads and resources from what the Ray runtime has."""
+    import ray
+
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    gpus = int(sum(n["Resources"].get("GPU", 0) for n in nodes))
+    cpus = int(sum(n["Resources"].get("CPU", 0) for n in nodes))
+    node_cpus = max(1, min(int(n["Resources"].get("CPU", 1)) for n in nodes))
+    use_gpu = cfg.device != "cpu" and gpus > 0
+    if cfg.device == "cuda" and not gpus:
+        raise RunError("--device cuda: the Ray runtime has no GPU")
+    predictors = cfg.predictors or (gpus if use_gpu else len(nodes))
+    threads = cfg.inference_threads or (2 if use_gpu else max(1, node_cpus * len(nodes) // predictors))
+    decode_slots = max(1, int(cpus / max(cfg.decode_cpus, 1e-3)))
+    return {"nodes": len(nodes), "cpus": cpus, "gpus": gpus, "use_gpu": use_gpu, "predictors": predictors,
+            "inference_threads": threads, "decode_slots": decode_slots,
+            "max_in_flight": cfg.max_in_flight or (decode_slots + 2 * predictors)}
+
+
+def _chunks(items, size):
+    batch = []
+    for it in items:
+        batch.append(it)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def run(cfg: ScreenConfig) -> RunSummary:
+    """Screen every input file once; returns the summary written to ``run.json``."""
+    import ray
+
+    started = time.time()
+    t_start = time.monotonic()
+    contract = check_model(cfg.model)
+    model_sha = sha256_file(cfg.model)
+    out = Path(cfg.out)
+    pred_dir = out / PREDICTIONS
+    if cfg.overwrite and out.exists():
+        shutil.rmtree(pred_dir, ignore_errors=True)
+        (out / "run.json").unlink(missing_ok=True)
+    pred_dir.mkdir(parents=True, exist_ok=True)
+    done = DoneIndex.load(pred_dir, model_sha)
+    run_id = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]
+
+    owns_ray = start_ray(cfg)
+    try:
+        return _run(cfg, contract, model_sha, out, done, run_id, started, t_start)
+    finally:
+        if owns_ray:
+            ray.shutdown()
+
+
+def _run(cfg, contract, model_sha, out, done, run_id, started, t_start) -> RunSummary:
+    import ray
+
+    plan = plan_workers(cfg)
+    actor_cls = ray.remote(PredictorActor).options(
+        num_cpus=0 if not plan["use_gpu"] else 1, num_gpus=1 if plan["use_gpu"] else 0,
+        max_restarts=3, max_task_retries=3, scheduling_strategy="SPREAD")
+    device = "cuda" if plan["use_gpu"] else "cpu"  # Ray saw no GPU: do not let ONNX Runtime try one
+    actors = [actor_cls.remote(str(Path(cfg.model).resolve()), plan["inference_threads"], device,
+                               model_sha, run_id) for _ in range(plan["predictors"])]
+    try:
+        infos = ray.get([a.info.remote() for a in actors])
+    except ray.exceptions.RayActorError as e:
+        raise RunError(f"predictor actors could not start: {e}") from None
+    providers = sorted({i["provider"] for i in infos})
+    log.info("Ray: %d node(s), %d CPU(s), %d GPU(s); %d predictor(s) x %d thread(s) on %s",
+             plan["nodes"], plan["cpus"], plan["gpus"], plan["predictors"], plan["inference_threads"],
+             ",".join(providers))
+    decode = ray.remote(decode_batch).options(num_cpus=cfg.decode_cpus, max_retries=3)
+    spec = {"image_size": contract.image_size, "interpolation": contract.interpolation,
+            "window": contract.window, "max_pixels": cfg.max_pixels}
+    spec_ref = ray.put(spec)
+
+    writer = PartWriter(out / PREDICTIONS, run_id, cfg.rows_per_part, cfg.part_seconds)
+    summary = RunSummary(out=out, provider=",".join(providers))
+    stages = {k: Reservoir() for k in ("read_ms", "decode_ms", "infer_ms", "batch_latency_ms")}
+    progress = Progress(cfg.progress)
+    seen_this_run: set[int] = set()
+    in_flight: dict = {}  # ref -> (items, submitted monotonic)
+    walked = {"total": 0, "finished": False}
+    t_first_row: list[float] = []  # when the first rows came back, and how many they were
+
+    def todo():
+        for item in iter_inputs(cfg.inputs, cfg.from_list):
+            walked["total"] += 1
+            key = row_key(item.path, item.size, item.mtime_ns, model_sha)
+            if key in done:
+                summary.already_done += 1
+                continue
+            if key in seen_this_run:
+                continue
+            seen_this_run.add(key)
+            if item.error:  # could not even be stat'ed: an error row straight from the driver
+                writer_rows([_driver_row(item, "unreadable", item.error, contract, model_sha, run_id)])
+                continue
+            yield item
+        walked["finished"] = True
+
+    def writer_rows(rows):
+        writer.add(rows)
+        for r in rows:
+            summary.counts[r["status"]] += 1
+            if r["status"] == "ok":
+                summary.labels[r["label"]] += 1
+            else:
+                summary.reasons[(r["status"], r["reason"])] += 1
+            for k in ("read_ms", "decode_ms", "infer_ms"):
+                if r.get(k) is not None and (k != "decode_ms" or r["status"] == "ok"):
+                    stages[k].add((r[k],))
+
+    def drain(block_for: int) -> None:
+        ready, _ = ray.wait(list(in_flight), num_returns=min(block_for, len(in_flight)))
+        for ref in ready:
+            items, t_sub = in_flight.pop(ref)
+            try:
+                rows = ray.get(ref)
+            except (ray.exceptions.RayError) as e:  # task/actor died beyond retries: rows, not loss
+                msg = str(e).splitlines()[0][:300]
+                rows = [_driver_row(it, "internal", f"worker failed: {msg}", contract, model_sha, run_id)
+                        for it in items]
+            stages["batch_latency_ms"].add(((time.monotonic() - t_sub) * 1e3,))
+            writer_rows(rows)
+            if not t_first_row:
+                t_first_row.extend((time.monotonic(), sum(summary.counts.values())))
+        total = walked["total"] - summary.already_done if walked["finished"] else None
+        progress.update(sum(summary.counts.values()), total, summary.counts["error"])
+
+    next_actor = 0
+    for batch in _chunks(todo(), cfg.batch_size):
+        while len(in_flight) >= plan["max_in_flight"]:
+            drain(1)
+        dref = decode.remote([(i.path, i.size, i.mtime_ns) for i in batch], spec_ref)
+        ref = actors[next_actor % len(actors)].predict.remote(dref)
+        next_actor += 1
+        in_flight[ref] = (batch, time.monotonic())
+        del dref  # the actor call holds the only reference: the batch is freed once predicted
+    while in_flight:
+        drain(len(in_flight))
+    writer.flush()
+    progress.update(sum(summary.counts.values()), walked["total"] - summary.already_done, summary.counts["error"],
+                    force=True)
+
+    t_end = time.monotonic()
+    n = sum(summary.counts.values())
+    summary.seconds = t_end - t_start
+    summary.images_per_s = n / summary.seconds if summary.seconds else 0.0
+    if t_first_row and n > t_first_row[1] and t_end > t_first_row[0]:
+        summary.steady_images_per_s = (n - t_first_row[1]) / (t_end - t_first_row[0])
+    summary.exit_code = EXIT_FILE_ERRORS if summary.counts["error"] else EXIT_OK
+    summary.run = _run_record(cfg, contract, model_sha, run_id, plan, providers, summary, stages, started,
+                              writer, t_start)
+    tmp = out / "run.json.tmp"
+    tmp.write_text(json.dumps(summary.run, indent=2, default=str))
+    os.replace(tmp, out / "run.json")
+    return summary
+
+
+def _driver_row(item, reason: str, message: str, contract: Contract, model_sha: str, run_id: str) -> dict:
+    return {"path": item.path, "status": "error", "reason": reason, "message": message,
+            "threshold": contract.threshold, "model_sha256": model_sha, "provider": None,
+            "file_size": item.size if item.size >= 0 else None,
+            "mtime_ns": item.mtime_ns if item.mtime_ns >= 0 else None, "run_id": run_id}
+
+
+def _run_record(cfg, contract, model_sha, run_id, plan, providers, summary, stages, started, writer, t_start) -> dict:
+    import cv2
+    import onnxruntime
+    import pyarrow
+    import ray
+
+    first_row_s = (writer.first_write_at - started) if writer.first_write_at else None
+    return {
+        "disclaimer": DISCLAIMER,
+        "run_id": run_id,
+        "started": dt.datetime.fromtimestamp(started, dt.timezone.utc).isoformat(),
+        "ended": dt.datetime.now(dt.timezone.utc).isoformat(),
+        "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()},
+        "workers": plan,
+        "model": {"path": str(cfg.model), "sha256": model_sha, "contract": json.loads(contract.to_json())},
+        "execution_providers": providers,
+        "versions": {"covidct-batch": __version__, "onnxruntime": onnxruntime.__version__, "ray": ray.__version__,
+                     "opencv": cv2.__version__, "pyarrow": pyarrow.__version__, "numpy": np.__version__,
+                     "python": platform.python_version()},
+        "counts": {"ok": summary.counts["ok"], "error": summary.counts["error"],
+                   "skipped": summary.counts["skipped"], "already_done": summary.already_done,
+                   "by_label": dict(summary.labels),
+                   "by_reason": [{"status": s, "reason": r, "files": n} for (s, r), n in
+                                 sorted(summary.reasons.items(), key=lambda kv: -kv[1])]},
+        "seconds": round(summary.seconds, 3),
+        "images_per_s": round(summary.images_per_s, 2),
+        "steady_images_per_s": round(summary.steady_images_per_s, 2) if summary.steady_images_per_s else None,
+        "first_row_on_disk_s": round(first_row_s, 3) if first_row_s is not None else None,
+        "latency_ms": {k: r.percentiles() for k, r in stages.items()},
+        "rows_written": writer.rows_written,
+        "exit_code": summary.exit_code,
+    }
+
+
+__all__ = ["ScreenConfig", "run", "RunError", "ModelError", "RunSummary", "decode_batch", "PredictorActor",
+           "EXIT_OK", "EXIT_FILE_ERRORS", "EXIT_BAD_RUN"]

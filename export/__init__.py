@@ -1,0 +1,1 @@
+"""covidct-export: Keras to ONNX with the preprocessing contract inside (imports TensorFlow lazily)."""

@@ -1,0 +1,42 @@
+"""Command line of covidct-export: parses options, builds an ExportConfig, calls export()."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from engine.logs import setup_logging
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("run_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="Where to write the ONNX model (written only after it passes validation).")
+@click.option("--int8", is_flag=True, help="Also write a static INT8 (QDQ) model beside it, as NAME.int8.onnx.")
+@click.option("-v", "--verbose", is_flag=True)
+def main(run_dir, out, int8, verbose):
+    """Export the model of a covidct-train RUN_DIR to ONNX, validated against Keras."""
+    setup_logging(verbose)
+    from .exporter import ExportConfig, export
+    from .validate import ExportValidationError
+
+    try:
+        report = export(ExportConfig(run_dir=run_dir, out=out, int8=int8))
+    except ExportValidationError as e:
+        click.echo(f"covidct-export: error: {e}", err=True)
+        sys.exit(1)
+    p = report["parity"]
+    click.echo(f"wrote {out}: parity over {p['n_images']} real images, max |keras - onnx| "
+               + ", ".join(f"batch {b}: {p[f'max_abs_diff_batch{b}']:.2e}" for b in p["batch_sizes"])
+               + f" (tolerance {p['atol']:g})")
+    if "int8" in report:
+        q = report["int8"]
+        click.echo(f"wrote {q['model']}: labels agree with FP32 on {q['label_agreement_with_fp32']:.1%} of "
+                   f"{q['n_images']} images; {q['int8_images_per_s']} vs {q['fp32_images_per_s']} images/s "
+                   f"(x{q['speedup']}) on this CPU")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,111 @@
+"""covidct-export: a run directory in, a validated ONNX model with its contract out."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from engine.contract import Contract
+from engine.decode import DecodeError, decode_file
+from train.data import read_split
+from train.fit import CONTRACT_FILE, MODEL_FILE, SPLIT_FILE, sha256_file
+
+from .convert import keras_to_onnx, save_atomic
+from .validate import ExportValidationError, compare, structural_problems, validate
+
+log = logging.getLogger(__name__)
+
+PARITY_IMAGES = 48
+CALIBRATION_IMAGES = 128
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    run_dir: Path
+    out: Path
+    int8: bool = False
+
+    def __post_init__(self):
+        missing = [n for n in (MODEL_FILE, CONTRACT_FILE, SPLIT_FILE) if not (Path(self.run_dir) / n).is_file()]
+        if missing:
+            raise ExportValidationError(f"{self.run_dir} is not a covidct-train run directory: missing {missing}")
+
+    @property
+    def int8_out(self) -> Path:
+        return Path(self.out).with_suffix(".int8.onnx")
+
+    @property
+    def report_out(self) -> Path:
+        return Path(self.out).with_suffix(".export.json")
+
+
+def _load_images(rows: list[dict], split: str, limit: int, contract: Contract) -> np.ndarray:
+    images = []
+    for row in rows:
+        if row["split"] != split or len(images) >= limit:
+            continue
+        try:
+            images.append(decode_file(row["path"], contract.image_size, contract.interpolation,
+                                      window=contract.window))
+        except DecodeError as e:
+            log.warning("parity image %s unreadable (%s)", row["path"], e)
+    if not images:
+        return np.zeros((0, *contract.image_size, 1), np.uint8)
+    return np.stack(images)[..., None]
+
+
+def export(cfg: ExportConfig) -> dict:
+    """Convert, validate and write the model (and its INT8 twin with ``int8``); returns the report."""
+    from train.model import load_trained
+
+    run = Path(cfg.run_dir)
+    contract = Contract.from_json((run / CONTRACT_FILE).read_text())
+    actual = sha256_file(run / MODEL_FILE)
+    if contract.source_sha256 != actual:
+        raise ExportValidationError(f"{run / MODEL_FILE} changed since training (sha256 {actual[:12]} != "
+                                    f"contract {contract.source_sha256[:12]}): train again")
+    model = load_trained(run / MODEL_FILE, contract.image_size)
+    rows = read_split(run / SPLIT_FILE)
+    images = _load_images(rows, "test", PARITY_IMAGES, contract)
+    t = time.perf_counter()
+    proto = keras_to_onnx(model, contract)
+    report = {"convert_seconds": round(time.perf_counter() - t, 1), "parity": validate(proto, model, images, contract),
+              "contract": json.loads(contract.to_json())}
+    fp32_bytes = proto.SerializeToString()
+    save_atomic(fp32_bytes, cfg.out)
+    report["model"] = str(cfg.out)
+    if cfg.int8:
+        report["int8"] = _export_int8(proto, fp32_bytes, rows, images, contract, cfg.int8_out)
+    cfg.report_out.write_text(json.dumps(report, indent=2))
+    return report
+
+
+def _export_int8(proto, fp32_bytes: bytes, rows, images: np.ndarray, contract: Contract, out: Path) -> dict:
+    import onnxruntime as ort
+
+    from .quantize import quantize_int8, throughput
+
+    calibration = _load_images(rows, "train", CALIBRATION_IMAGES, contract)
+    q_proto, q_contract = quantize_int8(proto, calibration, contract)
+    problems = structural_problems(q_proto, q_contract)
+    if problems:
+        raise ExportValidationError("INT8 model failed validation:\n  - " + "\n  - ".join(problems))
+    q_bytes = q_proto.SerializeToString()
+    fp32 = ort.InferenceSession(fp32_bytes, providers=["CPUExecutionProvider"])
+    reference = fp32.run(None, {contract.input_name: images})[0][:, 0]
+    q = ort.InferenceSession(q_bytes, providers=["CPUExecutionProvider"])
+    got = q.run(None, {contract.input_name: images})[0][:, 0]
+    agree = float(np.mean((got >= contract.threshold) == (reference >= contract.threshold)))
+    bench = np.concatenate([images] * (32 // max(1, len(images)) + 1))[:32]
+    speed_fp32 = throughput(fp32_bytes, bench, contract.input_name)
+    speed_int8 = throughput(q_bytes, bench, contract.input_name)
+    save_atomic(q_bytes, out)
+    return {"model": str(out), "n_images": int(len(images)), "label_agreement_with_fp32": agree,
+            "max_abs_diff_vs_fp32": float(np.max(np.abs(got - reference))),
+            "fp32_images_per_s": round(speed_fp32, 1), "int8_images_per_s": round(speed_int8, 1),
+            "speedup": round(speed_int8 / speed_fp32, 2)}

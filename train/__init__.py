@@ -1,0 +1,1 @@
+"""covidct-train: fit the classifier on a folder per class (imports TensorFlow lazily)."""
