@@ -67,8 +67,8 @@ def train(cfg: TrainConfig) -> dict:
 
     t0 = time.time()
     out = Path(cfg.out)
+    classes = data_mod.resolve_classes(cfg.data_dir, cfg.positive)  # before out exists: it may sit inside
     out.mkdir(parents=True, exist_ok=True)
-    classes = data_mod.resolve_classes(cfg.data_dir, cfg.positive)
     log.info("classes: negative=%r positive=%r", *classes)
     ds = data_mod.load_images(cfg.data_dir, classes, cfg.image_size, cfg.interpolation)
     assignment = data_mod.split(ds.paths, ds.labels, ds.sha256, cfg.seed, cfg.groups)
