@@ -26,12 +26,16 @@ from .logs import setup_logging
               help="Predictor actors (default: one per GPU, else one per node).")
 @click.option("--inference-threads", type=click.IntRange(1), default=None,
               help="ONNX Runtime threads per predictor (default: the node's CPUs on the CPU provider).")
+@click.option("--max-in-flight", type=click.IntRange(1), default=None,
+              help="Batches submitted but not yet written (bounds memory; default from the worker count).")
+@click.option("--rows-per-part", type=click.IntRange(1), default=None,
+              help="Rows per Parquet part file (20000); a part is also written every 30 s.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--address", default=None, help="Join this Ray cluster (e.g. 10.0.0.5:6379) instead of a local runtime.")
 @click.option("--no-progress", is_flag=True, help="No progress line on stderr.")
 @click.option("-v", "--verbose", is_flag=True)
-def main(inputs, model, out, from_list, overwrite, batch_size, num_cpus, predictors, inference_threads, device,
-         address, no_progress, verbose):
+def main(inputs, model, out, from_list, overwrite, batch_size, num_cpus, predictors, inference_threads,
+         max_in_flight, rows_per_part, device, address, no_progress, verbose):
     """Screen CT slices under INPUT... (folders, files) with MODEL; one prediction row per file.
 
     Exit codes: 0 every file ok or skipped; 1 finished, some files are error rows;
@@ -41,7 +45,7 @@ def main(inputs, model, out, from_list, overwrite, batch_size, num_cpus, predict
     from .pipeline import EXIT_BAD_RUN, EXIT_INTERRUPTED, RunError, ScreenConfig, run
 
     opts = {"batch_size": batch_size, "num_cpus": num_cpus, "predictors": predictors,
-            "inference_threads": inference_threads}
+            "inference_threads": inference_threads, "max_in_flight": max_in_flight, "rows_per_part": rows_per_part}
     try:
         cfg = ScreenConfig(inputs=tuple(inputs), model=model, out=out, from_list=from_list, overwrite=overwrite,
                            device=device, address=address, progress=not no_progress,

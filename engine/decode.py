@@ -50,6 +50,9 @@ class DecodeError(Exception):
 
 def sniff(head: bytes) -> str | None:
     """Name the image format from the first bytes of a file, or None if it is not one we read."""
+    # DICOM first: its 128-byte preamble may itself hold a TIFF header (dual-format files).
+    if head[128:132] == b"DICM":
+        return "dicom"
     if head[:3] == b"\xff\xd8\xff":
         return "jpeg"
     if head[:8] == b"\x89PNG\r\n\x1a\n":
@@ -58,8 +61,6 @@ def sniff(head: bytes) -> str | None:
         return "bmp"
     if head[:4] in (b"II*\x00", b"MM\x00*"):
         return "tiff"
-    if head[128:132] == b"DICM":
-        return "dicom"
     return None
 
 

@@ -113,10 +113,13 @@ class PredictorActor:
         self.predictor = Predictor(model_path, threads, device)
         self.sha = model_sha256
         self.run_id = run_id
+        import ray
+        self.node = ray.get_runtime_context().get_node_id()[:12]
 
     def info(self) -> dict:
         import socket
-        return {"provider": self.predictor.provider, "host": socket.gethostname(), "pid": os.getpid()}
+        return {"provider": self.predictor.provider, "host": socket.gethostname(), "pid": os.getpid(),
+                "node": self.node}
 
     def predict(self, decoded: dict) -> list[dict]:
         c: Contract = self.predictor.contract
@@ -128,7 +131,7 @@ class PredictorActor:
             row = {"path": path, "status": status, "reason": reason, "message": message,
                    "threshold": c.threshold, "model_sha256": self.sha, "provider": self.predictor.provider,
                    "read_ms": read_ms, "decode_ms": decode_ms, "file_size": size, "mtime_ns": mtime_ns,
-                   "run_id": self.run_id}
+                   "run_id": self.run_id, "node": self.node}
             if status == "ok":
                 p = float(probs[k])
                 k += 1

@@ -34,6 +34,7 @@ SCHEMA = pa.schema([
     ("file_size", pa.int64()),
     ("mtime_ns", pa.int64()),       # file modification time, ns since the epoch
     ("run_id", pa.string()),
+    ("node", pa.string()),          # Ray node id (first 12 hex digits) of the predictor
 ])
 COLUMNS = SCHEMA.names
 
@@ -65,7 +66,8 @@ class DoneIndex:
             t = pq.read_table(part, columns=["path", "file_size", "mtime_ns", "model_sha256"])
             for batch in t.to_batches(65536):
                 d = batch.to_pydict()
-                keys.extend(row_key(p, s, m, h) for p, s, m, h in
+                # a file that could not be stat'ed is stored with null size/mtime and keyed with -1
+                keys.extend(row_key(p, -1 if s is None else s, -1 if m is None else m, h) for p, s, m, h in
                             zip(d["path"], d["file_size"], d["mtime_ns"], d["model_sha256"]) if h == model_sha256)
         return cls(np.asarray(keys, np.int64))
 

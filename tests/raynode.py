@@ -1,0 +1,41 @@
+"""Ray processes for tests, each in its own interpreter so its RAY_AUTH_* environment is its own.
+
+    python -m tests.raynode local      # the engine's local runtime; prints ADDRESS, waits for stdin
+    python -m tests.raynode cluster    # a two-node ray.cluster_utils.Cluster; prints ADDRESS, waits
+    python -m tests.raynode client ADDRESS   # joins ADDRESS; prints NODES n, exits 0, or exits 3
+"""
+
+import sys
+
+
+def main() -> int:
+    import ray
+
+    mode = sys.argv[1]
+    if mode == "local":
+        from engine.pipeline import ScreenConfig, start_ray
+        start_ray(ScreenConfig(inputs=(".",), model="unused", out="unused", num_cpus=1))
+        print("ADDRESS", ray.get_runtime_context().gcs_address, flush=True)
+        sys.stdin.read()
+        ray.shutdown()
+    elif mode == "cluster":
+        from ray.cluster_utils import Cluster
+        cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+        cluster.add_node(num_cpus=1)
+        cluster.wait_for_nodes()
+        print("ADDRESS", cluster.address, flush=True)
+        sys.stdin.read()
+        cluster.shutdown()
+    elif mode == "client":
+        try:
+            ray.init(address=sys.argv[2], include_dashboard=False)
+        except Exception as e:
+            print("REFUSED", type(e).__name__, str(e).splitlines()[0][:200], flush=True)
+            return 3
+        print("NODES", len([n for n in ray.nodes() if n["Alive"]]), flush=True)
+        ray.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
