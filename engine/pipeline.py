@@ -214,7 +214,7 @@ def plan_workers(cfg: ScreenConfig) -> dict:
     predictors = cfg.predictors or (gpus if use_gpu else len(nodes))
     threads = cfg.inference_threads or (2 if use_gpu else max(1, node_cpus * len(nodes) // predictors))
     decode_slots = max(1, int(cpus / max(cfg.decode_cpus, 1e-3)))
-    return {"nodes": len(nodes), "cpus": cpus, "gpus": gpus, "use_gpu": use_gpu, "predictors": predictors,
+    return {"nodes": len(nodes), "node_ids": [n["NodeID"] for n in nodes], "cpus": cpus, "gpus": gpus, "use_gpu": use_gpu, "predictors": predictors,
             "inference_threads": threads, "decode_slots": decode_slots,
             "max_in_flight": cfg.max_in_flight or (decode_slots + 2 * predictors)}
 
@@ -259,12 +259,21 @@ def _run(cfg, contract, model_sha, out, done, run_id, started, t_start) -> RunSu
     import ray
 
     plan = plan_workers(cfg)
-    actor_cls = ray.remote(PredictorActor).options(
-        num_cpus=0 if not plan["use_gpu"] else 1, num_gpus=1 if plan["use_gpu"] else 0,
-        max_restarts=3, max_task_retries=3, scheduling_strategy="SPREAD")
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    def placement(i: int):
+        # SPREAD is best effort and packs zero-CPU actors on one node: pin them round-robin.
+        if plan["use_gpu"]:
+            return "SPREAD"
+        return NodeAffinitySchedulingStrategy(plan["node_ids"][i % len(plan["node_ids"])], soft=True)
+
     device = "cuda" if plan["use_gpu"] else "cpu"  # Ray saw no GPU: do not let ONNX Runtime try one
-    actors = [actor_cls.remote(str(Path(cfg.model).resolve()), plan["inference_threads"], device,
-                               model_sha, run_id) for _ in range(plan["predictors"])]
+    actors = [
+        ray.remote(PredictorActor).options(
+            num_cpus=0 if not plan["use_gpu"] else 1, num_gpus=1 if plan["use_gpu"] else 0,
+            max_restarts=3, max_task_retries=3, scheduling_strategy=placement(i),
+        ).remote(str(Path(cfg.model).resolve()), plan["inference_threads"], device, model_sha, run_id)
+        for i in range(plan["predictors"])]
     try:
         infos = ray.get([a.info.remote() for a in actors])
     except ray.exceptions.RayActorError as e:

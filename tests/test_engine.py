@@ -322,7 +322,7 @@ def test_local_runtime_requires_its_token(tmp_path):
         assert wrong.returncode == 3 and "REFUSED" in wrong.stdout
         none = client({"RAY_AUTH_MODE": "disabled"})
         assert none.returncode == 3 and "REFUSED" in none.stdout
-        right = client({})  # the token Ray generated in ~/.ray/auth_token
+        right = client({"RAY_AUTH_MODE": "token"})  # reads the token Ray generated in ~/.ray/auth_token
         assert right.returncode == 0 and "NODES 1" in right.stdout, right.stdout + right.stderr[-1000:]
     finally:
         _stop(local)
