@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from engine.contract import Contract
+from export.tiny import tiny_model  # noqa: F401  (re-exported for the tests)
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
@@ -24,36 +24,6 @@ def shared_dataset(name: str) -> Path:
     path = SHARED / name
     if not path.is_dir():
         pytest.skip(f"real data {path} is absent (it lives beside the project, never in it)")
-    return path
-
-
-def tiny_model(path: Path, image_size=(64, 64), threshold=0.5, contract: Contract | None = None,
-               with_contract: bool = True) -> Path:
-    """An ONNX model whose probability is the image's mean grey level / 255, with a contract."""
-    import onnx
-    from onnx import TensorProto, helper
-
-    from export.convert import embed_contract
-
-    h, w = image_size
-    nodes = [
-        helper.make_node("Cast", ["image"], ["f"], to=TensorProto.FLOAT),
-        helper.make_node("ReduceMean", ["f"], ["m"], axes=[1, 2, 3], keepdims=1),
-        helper.make_node("Reshape", ["m", "shape"], ["r"]),
-        helper.make_node("Mul", ["r", "scale"], ["probability"]),
-    ]
-    graph = helper.make_graph(
-        nodes, "tiny",
-        [helper.make_tensor_value_info("image", TensorProto.UINT8, ["batch", h, w, 1])],
-        [helper.make_tensor_value_info("probability", TensorProto.FLOAT, ["batch", 1])],
-        initializer=[helper.make_tensor("shape", TensorProto.INT64, [2], [-1, 1]),
-                     helper.make_tensor("scale", TensorProto.FLOAT, [], [1 / 255.0])])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    if with_contract:
-        embed_contract(model, contract or Contract(image_size=tuple(image_size), class_names=("neg", "pos"),
-                                                   positive_class="pos", threshold=threshold))
-    onnx.save(model, path)
     return path
 
 

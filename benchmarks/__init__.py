@@ -1,0 +1,1 @@
+"""Benchmarks: side-by-side comparisons (compare.py) and pytest-benchmark checks."""

@@ -1,0 +1,158 @@
+"""What a user could run instead of covidct-batch, each timed the same way.
+
+Run one per process (``python -m benchmarks.contenders NAME --archive DIR --model M.onnx
+--keras RUN_DIR --out DIR``); it prints one JSON line with images, seconds and latencies.
+Every contender decodes with the same OpenCV calls or its framework's own reader, and runs
+the same model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from engine.contract import read_contract
+from engine.decode import decode_file
+
+
+def list_images(archive: Path) -> list[str]:
+    return sorted(str(p) for p in Path(archive).rglob("*.jpg"))
+
+
+def _session(model: str, threads: int):
+    import onnxruntime as ort
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    return ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"])
+
+
+def _lat(per_image_ms: list[float]) -> dict:
+    if not per_image_ms:
+        return {}
+    p50, p95, p99 = np.percentile(per_image_ms, [50, 95, 99])
+    return {"p50": round(float(p50), 3), "p95": round(float(p95), 3), "p99": round(float(p99), 3)}
+
+
+def ceiling(args) -> dict:
+    """ONNX Runtime alone on already-decoded uint8 tensors, all cores, best of batch sizes."""
+    c = read_contract(args.model)
+    paths = list_images(args.archive)[: args.ceiling_images]
+    x = np.stack([decode_file(p, c.image_size, c.interpolation) for p in paths])[..., None]
+    sess = _session(args.model, os.cpu_count())
+    results = {}
+    for bs in (8, 16, 32, 64):
+        sess.run(None, {c.input_name: x[:bs]})  # warm-up
+        lat, t = [], time.perf_counter()
+        for i in range(0, len(x) - bs + 1, bs):
+            t0 = time.perf_counter()
+            sess.run(None, {c.input_name: x[i:i + bs]})
+            lat.extend([(time.perf_counter() - t0) * 1e3 / bs] * bs)
+        n = len(lat)
+        results[bs] = {"images": n, "seconds": time.perf_counter() - t, "latency_ms": _lat(lat)}
+    best = max(results, key=lambda b: results[b]["images"] / results[b]["seconds"])
+    r = results[best]
+    return {"images": r["images"], "seconds": r["seconds"], "batch_size": best, "latency_ms": r["latency_ms"],
+            "by_batch_size": {b: round(v["images"] / v["seconds"], 1) for b, v in results.items()}}
+
+
+def plain_loop(args) -> dict:
+    """One process: cv2 decode+resize, ONNX Runtime in batches of 32."""
+    c = read_contract(args.model)
+    t_start = time.perf_counter()
+    sess = _session(args.model, os.cpu_count())
+    paths = list_images(args.archive)
+    t = time.perf_counter()
+    startup = t - t_start
+    lat, dec = [], []
+    for i in range(0, len(paths), 32):
+        t0 = time.perf_counter()
+        x = np.stack([decode_file(p, c.image_size, c.interpolation) for p in paths[i:i + 32]])[..., None]
+        t1 = time.perf_counter()
+        sess.run(None, {c.input_name: x})
+        t2 = time.perf_counter()
+        lat.extend([(t2 - t0) * 1e3 / len(x)] * len(x))
+        dec.extend([(t1 - t0) * 1e3 / len(x)] * len(x))
+    return {"images": len(paths), "seconds": time.perf_counter() - t, "startup_s": startup,
+            "latency_ms": _lat(lat), "stages_ms": {"decode": _lat(dec)}}
+
+
+def seeds_way(args) -> dict:
+    """Keras model.predict over keras.utils.image_dataset_from_directory (grey, 256x256)."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    t_start = time.perf_counter()
+    import keras
+
+    from train.model import load_trained
+    c = read_contract(args.model)
+    model = load_trained(Path(args.keras) / "model.keras", c.image_size)
+    ds = keras.utils.image_dataset_from_directory(args.archive, labels=None, color_mode="grayscale",
+                                                  image_size=c.image_size, batch_size=32, shuffle=False)
+    t = time.perf_counter()
+    startup = t - t_start
+    lat, n = [], 0
+    for batch in ds:
+        t0 = time.perf_counter()
+        model.predict_on_batch(batch)
+        lat.extend([(time.perf_counter() - t0) * 1e3 / len(batch)] * len(batch))
+        n += len(batch)
+    return {"images": n, "seconds": time.perf_counter() - t, "startup_s": startup, "latency_ms": _lat(lat)}
+
+
+def ray_data(args) -> dict:
+    """The Ray Data idiom: paths -> map_batches(decode) -> map_batches(ORT class) -> write_parquet."""
+    t_start = time.perf_counter()
+    import ray
+
+    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, configure_logging=False, log_to_driver=False)
+    c = read_contract(args.model)
+    model, size, interp = args.model, c.image_size, c.interpolation
+
+    def decode(batch):
+        imgs = np.stack([decode_file(p, size, interp) for p in batch["path"]])[..., None]
+        return {"path": batch["path"], "image": imgs}
+
+    class Predict:
+        def __init__(self):
+            self.sess = _session(model, os.cpu_count())
+
+        def __call__(self, batch):
+            p = self.sess.run(None, {"image": batch["image"]})[0][:, 0]
+            return {"path": batch["path"], "probability": p}
+
+    paths = list_images(args.archive)
+    t = time.perf_counter()
+    startup = t - t_start
+    (ray.data.from_items([{"path": p} for p in paths])
+        .map_batches(decode, batch_size=32)
+        .map_batches(Predict, batch_size=32, concurrency=1)
+        .write_parquet(str(Path(args.out) / "ray_data")))
+    seconds = time.perf_counter() - t
+    ray.shutdown()
+    return {"images": len(paths), "seconds": seconds, "startup_s": startup}
+
+
+CONTENDERS = {"ceiling": ceiling, "plain_loop": plain_loop, "seeds_way": seeds_way, "ray_data": ray_data}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("name", choices=sorted(CONTENDERS))
+    ap.add_argument("--archive", required=True)
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--keras", default=None)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--ceiling-images", type=int, default=1024)
+    args = ap.parse_args()
+    result = CONTENDERS[args.name](args)
+    print("RESULT " + json.dumps(result), flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
