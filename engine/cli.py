@@ -32,10 +32,16 @@ from .logs import setup_logging
               help="Rows per Parquet part file (20000); a part is also written every 30 s.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--address", default=None, help="Join this Ray cluster (e.g. 10.0.0.5:6379) instead of a local runtime.")
+@click.option("--group-by", default=None,
+              help="Study grouping for non-DICOM files: 'parent' (folder) or a regex on the path.")
+@click.option("--top-k", type=click.IntRange(1), default=None,
+              help="Study rule: flagged when the mean of the top-k slice probabilities >= threshold (3).")
+@click.option("--pseudonymize", is_flag=True,
+              help="Replace DICOM UIDs with keyed hashes; the key comes from $COVIDCT_PSEUDONYM_KEY.")
 @click.option("--no-progress", is_flag=True, help="No progress line on stderr.")
 @click.option("-v", "--verbose", is_flag=True)
 def main(inputs, model, out, from_list, overwrite, batch_size, num_cpus, predictors, inference_threads,
-         max_in_flight, rows_per_part, device, address, no_progress, verbose):
+         max_in_flight, rows_per_part, device, address, group_by, top_k, pseudonymize, no_progress, verbose):
     """Screen CT slices under INPUT... (folders, files) with MODEL; one prediction row per file.
 
     Exit codes: 0 every file ok or skipped; 1 finished, some files are error rows;
@@ -45,10 +51,20 @@ def main(inputs, model, out, from_list, overwrite, batch_size, num_cpus, predict
     from .pipeline import EXIT_BAD_RUN, EXIT_INTERRUPTED, RunError, ScreenConfig, run
 
     opts = {"batch_size": batch_size, "num_cpus": num_cpus, "predictors": predictors,
-            "inference_threads": inference_threads, "max_in_flight": max_in_flight, "rows_per_part": rows_per_part}
+            "inference_threads": inference_threads, "max_in_flight": max_in_flight, "rows_per_part": rows_per_part,
+            "top_k": top_k}
+    key = None
+    if pseudonymize:
+        import os
+        key = os.environ.get("COVIDCT_PSEUDONYM_KEY")
+        if not key:
+            click.echo("covidct-batch: error: --pseudonymize needs the key in $COVIDCT_PSEUDONYM_KEY "
+                       "(keep it secret and reuse it for comparable pseudonyms)", err=True)
+            sys.exit(2)
     try:
         cfg = ScreenConfig(inputs=tuple(inputs), model=model, out=out, from_list=from_list, overwrite=overwrite,
-                           device=device, address=address, progress=not no_progress,
+                           device=device, address=address, progress=not no_progress, group_by=group_by,
+                           pseudonym_key=key,
                            **{k: v for k, v in opts.items() if v is not None})
         summary = run(cfg)
     except RunError as e:
@@ -78,7 +94,11 @@ def format_summary(run: dict, out: Path) -> str:
     lines.append("  latency ms p50/p95/p99: " + "; ".join(
         f"{k.replace('_ms', '')} {v['p50']}/{v['p95']}/{v['p99']}" for k, v in lat.items() if v["p50"] is not None))
     lines.append(f"  provider {', '.join(run['execution_providers'])}; model sha256 {run['model']['sha256'][:12]}")
+    if run.get("studies", {}).get("studies"):
+        st = run["studies"]
+        lines.append(f"  studies: {st['flagged']} flagged of {st['studies']} ({st['rule']})")
     lines.append(f"  predictions: {Path(out) / 'predictions'}/part-*.parquet; run record: {Path(out) / 'run.json'}")
+    lines.append(f"  studies: {Path(out) / 'studies.parquet'}; report: {Path(out) / 'report.html'}")
     lines.append(f"  exit code {run['exit_code']}")
     lines.append(DISCLAIMER)
     return "\n".join(lines)

@@ -29,19 +29,21 @@ TRUNCATED = "truncated"
 CORRUPT = "corrupt"
 TOO_LARGE = "too_large"
 UNSUPPORTED_PIXELS = "unsupported_pixels"
-DICOM_UNSUPPORTED = "dicom_unsupported"
 NOT_AN_IMAGE = "not_an_image"
 UNREADABLE = "unreadable"
-SKIP_CODES = frozenset({NOT_AN_IMAGE})
+MULTI_FRAME = "multi_frame"
+#: Not images at all, or not CT slices: skipped rows, not errors.
+SKIP_CODES = frozenset({NOT_AN_IMAGE, "not_ct_image", "localizer"})
 
 
 class DecodeError(Exception):
     """A file that could not be turned into a model input; ``code`` is a stable reason."""
 
-    def __init__(self, code: str, message: str):
+    def __init__(self, code: str, message: str, redact: list[str] | None = None):
         super().__init__(message)
         self.code = code
         self.message = message
+        self.redact = redact or []  # identifying values of the file: never written anywhere
 
     @property
     def skipped(self) -> bool:
@@ -149,25 +151,25 @@ def to_grey_uint8(img: np.ndarray) -> np.ndarray:
     raise DecodeError(UNSUPPORTED_PIXELS, f"pixel type {img.dtype} is not supported (8- or 16-bit only)")
 
 
-def decode_and_resize(
+def decode_frames(
     data: bytes,
     image_size: tuple[int, int],
     interpolation: str = DEFAULT_INTERPOLATION,
     *,
     window: dict[str, float] | None = None,
     max_pixels: int = MAX_PIXELS,
-) -> np.ndarray:
-    """Decode one file's bytes to a grey uint8 image of ``image_size`` (height, width).
+) -> list[tuple[np.ndarray, "Slice | None"]]:
+    """Decode one file's bytes to grey uint8 images of ``image_size`` (height, width).
+
+    Raster images give one frame; a DICOM object gives one per frame, each with its
+    non-identifying coordinates (a :class:`engine.dicom.Slice`, else None).
 
     Args:
         data: the whole file's content.
         image_size: (height, width) of the output, from the model's contract.
         interpolation: key of ``contract.INTERPOLATIONS`` (from the contract).
-        window: CT window for DICOM input (from the contract); lung window by default.
+        window: CT window (level, width in HU) for DICOM input, from the contract.
         max_pixels: images whose header announces more pixels are refused before decoding.
-
-    Returns:
-        A C-contiguous uint8 array of shape ``image_size``.
 
     Raises:
         DecodeError: with ``code`` one of this module's reason codes.
@@ -176,9 +178,14 @@ def decode_and_resize(
         raise DecodeError(EMPTY, "file is empty")
     fmt = sniff(data[:132])
     if fmt is None:
-        raise DecodeError(NOT_AN_IMAGE, "not a JPEG, PNG, BMP, TIFF or DICOM file (recognised by content)")
+        from .dicom import looks_like_dicom_without_preamble
+        if not looks_like_dicom_without_preamble(data[:16]):
+            raise DecodeError(NOT_AN_IMAGE, "not a JPEG, PNG, BMP, TIFF or DICOM file (recognised by content)")
+        fmt = "dicom"
     if fmt == "dicom":
-        raise DecodeError(DICOM_UNSUPPORTED, "DICOM input is not supported by this version of covidct-batch")
+        from .dicom import decode_dicom
+        slices = decode_dicom(data, window or LUNG_WINDOW, max_pixels)
+        return [(resize(s.image, image_size, interpolation), s) for s in slices]
     size = header_size(data, fmt)
     if size is None:
         raise DecodeError(CORRUPT, f"{fmt.upper()} header is unreadable")
@@ -198,7 +205,20 @@ def decode_and_resize(
         raise DecodeError(CORRUPT, f"OpenCV could not decode the {fmt.upper()} data: {e.err}") from None
     if img is None:
         raise DecodeError(CORRUPT, f"OpenCV could not decode the {fmt.upper()} data")
-    return resize(to_grey_uint8(img), image_size, interpolation)
+    return [(resize(to_grey_uint8(img), image_size, interpolation), None)]
+
+
+def decode_and_resize(data: bytes, image_size: tuple[int, int], interpolation: str = DEFAULT_INTERPOLATION, *,
+                      window: dict[str, float] | None = None, max_pixels: int = MAX_PIXELS) -> np.ndarray:
+    """The single image of a file (see :func:`decode_frames`); a multi-frame DICOM is an error here.
+
+    Returns:
+        A C-contiguous uint8 array of shape ``image_size``.
+    """
+    frames = decode_frames(data, image_size, interpolation, window=window, max_pixels=max_pixels)
+    if len(frames) != 1:
+        raise DecodeError(MULTI_FRAME, f"{len(frames)} frames in one file: use decode_frames for every slice")
+    return frames[0][0]
 
 
 def resize(grey: np.ndarray, image_size: tuple[int, int], interpolation: str = DEFAULT_INTERPOLATION) -> np.ndarray:
@@ -227,6 +247,6 @@ def decode_file(path, image_size, interpolation=DEFAULT_INTERPOLATION, *, window
 
 
 __all__ = [
-    "DecodeError", "decode_and_resize", "decode_file", "read_file", "sniff", "header_size", "to_grey_uint8",
+    "DecodeError", "decode_frames", "decode_and_resize", "decode_file", "read_file", "sniff", "header_size", "to_grey_uint8",
     "resize", "MAX_PIXELS", "SKIP_CODES", "LUNG_WINDOW",
 ]

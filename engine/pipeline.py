@@ -25,7 +25,8 @@ import numpy as np
 
 from . import __version__
 from .contract import DISCLAIMER, Contract, ContractError, read_contract
-from .decode import MAX_PIXELS, DecodeError, decode_and_resize, read_file
+from .decode import MAX_PIXELS, DecodeError, decode_frames, read_file
+from .dicom import redact
 from .predictor import ModelError, Predictor
 from .sink import PREDICTIONS, DoneIndex, PartWriter, row_key
 from .sources import iter_inputs
@@ -63,6 +64,9 @@ class ScreenConfig:
     progress: bool = True
     rows_per_part: int = 20000
     part_seconds: float = 30.0
+    pseudonym_key: str | None = None      # --pseudonymize: HMAC key for the DICOM UIDs
+    group_by: str | None = None           # studies for non-DICOM rows: "parent" or a regex
+    top_k: int = 3
 
     def __post_init__(self):
         if not self.inputs and self.from_list is None:
@@ -71,39 +75,76 @@ class ScreenConfig:
             raise RunError(f"--batch-size must be >= 1, e.g. 32; got {self.batch_size}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise RunError(f"--device must be auto, cpu or cuda; got {self.device!r}")
+        if self.top_k < 1:
+            raise RunError(f"--top-k must be >= 1, e.g. 3; got {self.top_k}")
+        if self.group_by not in (None, "parent"):
+            import re
+            try:
+                re.compile(self.group_by)
+            except re.error as e:
+                raise RunError(f"--group-by must be 'parent' or a regex; {self.group_by!r}: {e}") from None
         if self.predictors is not None and self.predictors < 1:
             raise RunError(f"--predictors must be >= 1; got {self.predictors}")
 
 
 # --------------------------------------------------------------------------- workers
 
-def decode_batch(items: list[tuple[str, int, int]], spec: dict) -> dict:
-    """Ray task: read and decode+resize each file; one uint8 (k, H, W, 1) array for the k that decoded.
+def pseudonymize(uid: str, key: str | None) -> str:
+    """A keyed hash of a UID, itself a valid UID (2.25.<decimal>); the same key gives the same value."""
+    if not uid or key is None:
+        return uid
+    import hashlib
+    import hmac
+    digest = hmac.new(key.encode(), uid.encode(), hashlib.sha256).digest()[:16]
+    return "2.25." + str(int.from_bytes(digest, "big"))
 
-    Returns ``{"images": array, "meta": [(path, size, mtime_ns, status, reason, message, read_ms,
-    decode_ms), ...]}`` in input order; rows with status "ok" map to images in order.
+
+def decode_batch(items: list[tuple[str, int, int, int]], spec: dict) -> dict:
+    """Ray task: read and decode+resize each file; one uint8 (k, H, W, 1) array for the k frames that decoded.
+
+    ``items`` are (path, size, mtime_ns, key). Returns ``{"images": array, "meta": [dict, ...]}``:
+    one meta row per frame (or per failed file) in input order; rows with status "ok" map to
+    images in order. Paths and messages of DICOM rows carry no identifying header value.
     """
     import cv2
 
     cv2.setNumThreads(1)  # one Ray CPU per task: OpenCV must not start a pool of its own
     h, w = spec["image_size"]
-    images = np.empty((len(items), h, w, 1), np.uint8)
-    meta, k = [], 0
-    for path, size, mtime_ns in items:
+    images, meta = [], []
+    for path, size, mtime_ns, key in items:
+        base = {"path": path, "file_size": size, "mtime_ns": mtime_ns, "key": key}
         t0 = time.perf_counter()
         try:
             data = read_file(path)
             t1 = time.perf_counter()
-            images[k, :, :, 0] = decode_and_resize(data, spec["image_size"], spec["interpolation"],
-                                                   window=spec["window"], max_pixels=spec["max_pixels"])
+            frames = decode_frames(data, spec["image_size"], spec["interpolation"], window=spec["window"],
+                                   max_pixels=spec["max_pixels"])
             t2 = time.perf_counter()
-            k += 1
-            meta.append((path, size, mtime_ns, "ok", None, None, (t1 - t0) * 1e3, (t2 - t1) * 1e3))
         except DecodeError as e:
-            t2 = time.perf_counter()
-            meta.append((path, size, mtime_ns, "skipped" if e.skipped else "error", e.code, e.message,
-                         (t2 - t0) * 1e3, 0.0))
-    return {"images": images[:k], "meta": meta}
+            meta.append({**base, "path": redact(path, e.redact), "status": "skipped" if e.skipped else "error",
+                         "reason": e.code, "message": redact(e.message, e.redact),
+                         "read_ms": (time.perf_counter() - t0) * 1e3, "decode_ms": 0.0})
+            continue
+        for img, sl in frames:
+            images.append(img)
+            row = {**base, "status": "ok", "reason": None, "message": None, "read_ms": (t1 - t0) * 1e3,
+                   "decode_ms": (t2 - t1) * 1e3 / len(frames)}
+            if sl is not None:
+                k = spec.get("pseudonym_key")
+                row.update(path=redact(path, sl.identifying), study_uid=pseudonymize(sl.study_uid, k),
+                           series_uid=pseudonymize(sl.series_uid, k), sop_uid=pseudonymize(sl.sop_uid, k),
+                           instance_number=sl.instance_number, slice_position=sl.slice_position, frame=sl.frame)
+            meta.append(row)
+    batch = np.stack(images)[..., None] if images else np.empty((0, h, w, 1), np.uint8)
+    return {"images": batch, "meta": meta}
+
+
+def thumbnail(img: np.ndarray, size: int = 96) -> bytes:
+    """A small JPEG of what the model saw, for the report's flagged studies."""
+    import cv2
+    ok, buf = cv2.imencode(".jpg", cv2.resize(img, (size, size), interpolation=cv2.INTER_AREA),
+                           [cv2.IMWRITE_JPEG_QUALITY, 80])
+    return buf.tobytes() if ok else None
 
 
 class PredictorActor:
@@ -127,16 +168,15 @@ class PredictorActor:
         probs, seconds = (self.predictor.predict(images) if len(images) else (np.zeros(0, np.float32), 0.0))
         share = seconds * 1e3 / max(1, len(images))
         rows, k = [], 0
-        for path, size, mtime_ns, status, reason, message, read_ms, decode_ms in meta:
-            row = {"path": path, "status": status, "reason": reason, "message": message,
-                   "threshold": c.threshold, "model_sha256": self.sha, "provider": self.predictor.provider,
-                   "read_ms": read_ms, "decode_ms": decode_ms, "file_size": size, "mtime_ns": mtime_ns,
+        for m in meta:
+            row = {**m, "threshold": c.threshold, "model_sha256": self.sha, "provider": self.predictor.provider,
                    "run_id": self.run_id, "node": self.node}
-            if status == "ok":
+            if m["status"] == "ok":
                 p = float(probs[k])
-                k += 1
                 pos = p >= c.threshold
-                row.update(probability=p, positive=pos, label=c.class_names[int(pos)], infer_ms=share)
+                row.update(probability=p, positive=pos, label=c.class_names[int(pos)], infer_ms=share,
+                           thumbnail=thumbnail(images[k, :, :, 0]) if pos else None)
+                k += 1
             rows.append(row)
         return rows
 
@@ -265,7 +305,7 @@ def _run(cfg, contract, model_sha, out, done, run_id, started, t_start) -> RunSu
         # SPREAD is best effort and packs zero-CPU actors on one node: pin them round-robin.
         if plan["use_gpu"]:
             return "SPREAD"
-        return NodeAffinitySchedulingStrategy(plan["node_ids"][i % len(plan["node_ids"])], soft=True)
+        return NodeAffinitySchedulingStrategy(plan["node_ids"][i % len(plan["node_ids"])], soft=False)
 
     device = "cuda" if plan["use_gpu"] else "cpu"  # Ray saw no GPU: do not let ONNX Runtime try one
     actors = [
@@ -284,7 +324,7 @@ def _run(cfg, contract, model_sha, out, done, run_id, started, t_start) -> RunSu
              ",".join(providers))
     decode = ray.remote(decode_batch).options(num_cpus=cfg.decode_cpus, max_retries=3)
     spec = {"image_size": contract.image_size, "interpolation": contract.interpolation,
-            "window": contract.window, "max_pixels": cfg.max_pixels}
+            "window": contract.window, "max_pixels": cfg.max_pixels, "pseudonym_key": cfg.pseudonym_key}
     spec_ref = ray.put(spec)
 
     writer = PartWriter(out / PREDICTIONS, run_id, cfg.rows_per_part, cfg.part_seconds)
@@ -307,9 +347,9 @@ def _run(cfg, contract, model_sha, out, done, run_id, started, t_start) -> RunSu
                 continue
             seen_this_run.add(key)
             if item.error:  # could not even be stat'ed: an error row straight from the driver
-                writer_rows([_driver_row(item, "unreadable", item.error, contract, model_sha, run_id)])
+                writer_rows([_driver_row(item, key, "unreadable", item.error, contract, model_sha, run_id)])
                 continue
-            yield item
+            yield item, key
         walked["finished"] = True
 
     def writer_rows(rows):
@@ -331,9 +371,9 @@ def _run(cfg, contract, model_sha, out, done, run_id, started, t_start) -> RunSu
             try:
                 rows = ray.get(ref)
             except (ray.exceptions.RayError) as e:  # task/actor died beyond retries: rows, not loss
-                msg = str(e).splitlines()[0][:300]
-                rows = [_driver_row(it, "internal", f"worker failed: {msg}", contract, model_sha, run_id)
-                        for it in items]
+                msg = type(e).__name__  # its text may quote a path: keep identifiers out of the output
+                rows = [_driver_row(it, key, "internal", f"worker failed ({msg}); rerun to retry", contract,
+                                    model_sha, run_id) for it, key in items]
             stages["batch_latency_ms"].add(((time.monotonic() - t_sub) * 1e3,))
             writer_rows(rows)
             if not t_first_row:
@@ -345,7 +385,7 @@ def _run(cfg, contract, model_sha, out, done, run_id, started, t_start) -> RunSu
     for batch in _chunks(todo(), cfg.batch_size):
         while len(in_flight) >= plan["max_in_flight"]:
             drain(1)
-        dref = decode.remote([(i.path, i.size, i.mtime_ns) for i in batch], spec_ref)
+        dref = decode.remote([(i.path, i.size, i.mtime_ns, key) for i, key in batch], spec_ref)
         ref = actors[next_actor % len(actors)].predict.remote(dref)
         next_actor += 1
         in_flight[ref] = (batch, time.monotonic())
@@ -365,14 +405,24 @@ def _run(cfg, contract, model_sha, out, done, run_id, started, t_start) -> RunSu
     summary.exit_code = EXIT_FILE_ERRORS if summary.counts["error"] else EXIT_OK
     summary.run = _run_record(cfg, contract, model_sha, run_id, plan, providers, summary, stages, started,
                               writer, t_start)
+    from .report import write_report
+    from .studies import build_studies
+
+    studies = build_studies(out, model_sha, contract.threshold, cfg.top_k, cfg.group_by)
+    summary.run["studies"] = {"studies": sum(1 for v in studies.column("level").to_pylist() if v == "study"),
+                              "flagged": sum(1 for lv, d in zip(studies.column("level").to_pylist(),
+                                                                 studies.column("decision").to_pylist())
+                                             if lv == "study" and d),
+                              "rule": f"mean of the top {cfg.top_k} slice probabilities >= threshold"}
     tmp = out / "run.json.tmp"
     tmp.write_text(json.dumps(summary.run, indent=2, default=str))
     os.replace(tmp, out / "run.json")
+    write_report(out, summary.run, cfg.group_by)
     return summary
 
 
-def _driver_row(item, reason: str, message: str, contract: Contract, model_sha: str, run_id: str) -> dict:
-    return {"path": item.path, "status": "error", "reason": reason, "message": message,
+def _driver_row(item, key: int, reason: str, message: str, contract: Contract, model_sha: str, run_id: str) -> dict:
+    return {"path": item.path, "key": key, "status": "error", "reason": reason, "message": message,
             "threshold": contract.threshold, "model_sha256": model_sha, "provider": None,
             "file_size": item.size if item.size >= 0 else None,
             "mtime_ns": item.mtime_ns if item.mtime_ns >= 0 else None, "run_id": run_id}
@@ -390,7 +440,8 @@ def _run_record(cfg, contract, model_sha, run_id, plan, providers, summary, stag
         "run_id": run_id,
         "started": dt.datetime.fromtimestamp(started, dt.timezone.utc).isoformat(),
         "ended": dt.datetime.now(dt.timezone.utc).isoformat(),
-        "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()},
+        "config": {k: ("<set>" if k == "pseudonym_key" and v else str(v) if isinstance(v, Path) else v)
+                   for k, v in asdict(cfg).items()},
         "workers": plan,
         "model": {"path": str(cfg.model), "sha256": model_sha, "contract": json.loads(contract.to_json())},
         "execution_providers": providers,

@@ -35,6 +35,14 @@ SCHEMA = pa.schema([
     ("mtime_ns", pa.int64()),       # file modification time, ns since the epoch
     ("run_id", pa.string()),
     ("node", pa.string()),          # Ray node id (first 12 hex digits) of the predictor
+    ("key", pa.int64()),            # resume key of (path, size, mtime, model); the path may be redacted
+    ("study_uid", pa.string()),     # DICOM only (keyed hashes with --pseudonymize)
+    ("series_uid", pa.string()),
+    ("sop_uid", pa.string()),
+    ("instance_number", pa.int32()),
+    ("slice_position", pa.float64()),  # z of ImagePositionPatient (mm)
+    ("frame", pa.int32()),          # frame index within the DICOM object (0 for single-frame)
+    ("thumbnail", pa.binary()),     # 96x96 JPEG of the model's input, positive rows only (for the report)
 ])
 COLUMNS = SCHEMA.names
 
@@ -63,12 +71,12 @@ class DoneIndex:
     def load(cls, pred_dir: Path, model_sha256: str) -> "DoneIndex":
         keys = []
         for part in sorted(Path(pred_dir).glob("part-*.parquet")):
-            t = pq.read_table(part, columns=["path", "file_size", "mtime_ns", "model_sha256"])
+            t = pq.read_table(part, columns=["key", "model_sha256", "reason"])
             for batch in t.to_batches(65536):
                 d = batch.to_pydict()
-                # a file that could not be stat'ed is stored with null size/mtime and keyed with -1
-                keys.extend(row_key(p, -1 if s is None else s, -1 if m is None else m, h) for p, s, m, h in
-                            zip(d["path"], d["file_size"], d["mtime_ns"], d["model_sha256"]) if h == model_sha256)
+                # a worker that died beyond Ray's retries ("internal") is retried by the next run
+                keys.extend(k for k, h, r in zip(d["key"], d["model_sha256"], d["reason"])
+                            if h == model_sha256 and r != "internal")
         return cls(np.asarray(keys, np.int64))
 
 

@@ -50,6 +50,7 @@ def archive(tmp_path):
     }
     for name, (img, ext) in good.items():
         _write(root / name, img, ext)
+    _write(root / "dicom" / "scan.dcm", Path(pydicom.data.get_testdata_file("CT_small.dcm", download=False)).read_bytes())
     ok, jpg = cv2.imencode(".jpg", grey())
     bad = {
         "bad/empty.png": (b"", "error", "empty"),
@@ -58,15 +59,13 @@ def archive(tmp_path):
         "bad/notes.txt": (b"radiology notes\n", "skipped", "not_an_image"),
         "bad/.DS_Store": (b"\x00\x00\x00\x01Bud1" + b"\x00" * 100, "skipped", "not_an_image"),
         "bad/bomb.png": (_bomb(), "error", "too_large"),
-        "bad/scan.dcm": (Path(pydicom.data.get_testdata_file("CT_small.dcm", download=False)).read_bytes(),
-                         "error", "dicom_unsupported"),
     }
     for name, (data, _, _) in bad.items():
         _write(root / name, data)
     with open(root / "bad" / "enormous.tif", "wb") as f:  # sparse: refused from its size, never read
         f.truncate(600 * 1024 * 1024)
     os.symlink(root / "gone.png", root / "bad" / "dangling.png")
-    expected = {str(root / k): ("ok", None) for k in good}
+    expected = {str(root / k): ("ok", None) for k in [*good, "dicom/scan.dcm"]}
     expected.update({str(root / k): (s, r) for k, (_, s, r) in bad.items()})
     expected[str(root / "bad" / "enormous.tif")] = ("error", "too_large")
     expected[str(root / "bad" / "dangling.png")] = ("error", "unreadable")

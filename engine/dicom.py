@@ -1,0 +1,196 @@
+"""DICOM CT slices to the contract's grey images: Hounsfield units, then the CT window.
+
+Each file's own RescaleSlope/RescaleIntercept (per frame from the functional groups in
+enhanced multi-frame CT) maps stored values to HU; out-of-field padding is set to the
+bottom of the window before it can leak into it; MONOCHROME1 is inverted. Objects that are
+not CT images (reports, presentation states) and localizers are skipped with a reason.
+Identifying header values never leave this module except as the list used to redact them.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass, field
+
+import numpy as np
+
+#: Transfer syntaxes and what decodes them. The project installs python-gdcm (BSD) and
+#: pylibjpeg-openjpeg (MIT); pylibjpeg-libjpeg is GPLv3 and deliberately not a dependency.
+DECODERS_HINT = {
+    "1.2.840.10008.1.2.4.51": "pylibjpeg-libjpeg (GPLv3) for 12-bit JPEG Extended",
+    "1.2.840.10008.1.2.4.80": "pylibjpeg-libjpeg (GPLv3) or python-gdcm for JPEG-LS",
+    "1.2.840.10008.1.2.4.81": "pylibjpeg-libjpeg (GPLv3) or python-gdcm for JPEG-LS",
+}
+
+#: SOP classes that are never CT images: structured/dose reports, presentation states, key objects.
+NON_IMAGE_SOP_PREFIXES = ("1.2.840.10008.5.1.4.1.1.88.", "1.2.840.10008.5.1.4.1.1.11.",
+                          "1.2.840.10008.5.1.4.1.1.104.", "1.2.840.10008.5.1.4.1.1.481.")
+
+#: Header values that identify a patient or site: redacted from every string we output.
+IDENTIFYING = ("PatientName", "PatientID", "PatientBirthDate", "AccessionNumber", "InstitutionName",
+               "InstitutionAddress", "ReferringPhysicianName", "OtherPatientIDs", "StudyDate", "SeriesDate",
+               "AcquisitionDate", "ContentDate", "StudyID", "PerformingPhysicianName", "OperatorsName")
+
+
+@dataclass
+class Slice:
+    """One frame of a DICOM object, ready for the model, with non-identifying coordinates."""
+
+    image: np.ndarray
+    frame: int
+    study_uid: str
+    series_uid: str
+    sop_uid: str
+    instance_number: int | None
+    slice_position: float | None
+    identifying: list[str] = field(default_factory=list)
+
+
+def looks_like_dicom_without_preamble(head: bytes) -> bool:
+    """A file that starts straight with a group 0002 or 0008 element and an explicit VR
+    (no preamble, no 'DICM'; some old writers leave one stray byte in front)."""
+    for off in (0, 1):
+        tag, vr = head[off:off + 2], head[off + 4:off + 6]
+        if tag in (b"\x02\x00", b"\x08\x00") and len(vr) == 2 and vr.isalpha() and vr.isupper():
+            return True
+    return False
+
+
+def identifying_values(ds) -> list[str]:
+    vals = []
+    for kw in IDENTIFYING:
+        v = ds.get(kw)
+        if v is None:
+            continue
+        for item in (v if isinstance(v, (list, tuple)) or getattr(v, "VM", 1) > 1 else [v]):
+            s = str(item).strip()
+            if len(s) >= 3:
+                vals.append(s)
+                vals.extend(p for p in s.replace("^", " ").split() if len(p) >= 3)
+    return sorted(set(vals), key=len, reverse=True)
+
+
+def redact(text: str | None, values: list[str]) -> str | None:
+    if not text or not values:
+        return text
+    for v in values:
+        text = text.replace(v, "[redacted]")
+    return text
+
+
+def _frame_rescale(ds, i: int) -> tuple[float, float]:
+    for seq_name in ("PerFrameFunctionalGroupsSequence", "SharedFunctionalGroupsSequence"):
+        seq = ds.get(seq_name)
+        if not seq:
+            continue
+        group = seq[i] if seq_name.startswith("PerFrame") and len(seq) > i else seq[0]
+        pvt = group.get("PixelValueTransformationSequence")
+        if pvt:
+            return float(pvt[0].get("RescaleSlope", 1.0)), float(pvt[0].get("RescaleIntercept", 0.0))
+    return float(ds.get("RescaleSlope", 1.0)), float(ds.get("RescaleIntercept", 0.0))
+
+
+def _frame_position(ds, i: int) -> float | None:
+    seq = ds.get("PerFrameFunctionalGroupsSequence")
+    if seq and len(seq) > i and seq[i].get("PlanePositionSequence"):
+        pos = seq[i].PlanePositionSequence[0].get("ImagePositionPatient")
+        if pos is not None and len(pos) == 3:
+            return float(pos[2])
+    pos = ds.get("ImagePositionPatient")
+    if pos is not None and len(pos) == 3:
+        return float(pos[2]) if i == 0 else None
+    loc = ds.get("SliceLocation")
+    return float(loc) if loc is not None else None
+
+
+def hounsfield(stored: np.ndarray, slope: float, intercept: float) -> np.ndarray:
+    return stored.astype(np.float32) * np.float32(slope) + np.float32(intercept)
+
+
+def window_to_grey(hu: np.ndarray, level: float, width: float, invert: bool = False,
+                   padding: np.ndarray | None = None) -> np.ndarray:
+    """HU to uint8 through the window [level - width/2, level + width/2]; padding goes to 0."""
+    lo = level - width / 2.0
+    g = np.clip((hu - np.float32(lo)) * np.float32(255.0 / width), 0, 255)
+    if invert:
+        g = 255 - g
+    if padding is not None:
+        g[padding] = 0  # out of field: never part of the anatomy, whatever the window
+    return np.rint(g).astype(np.uint8)
+
+
+def decode_dicom(data: bytes, window: dict, max_pixels: int) -> list[Slice]:
+    """All frames of a DICOM CT object as grey uint8 images (before resizing).
+
+    Raises:
+        DecodeError: not a CT image or a localizer (skipped), undecodable pixel data (error).
+    """
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    from .decode import CORRUPT, DecodeError
+
+    try:
+        ds = pydicom.dcmread(io.BytesIO(data), force=True)
+    except (InvalidDicomError, EOFError, ValueError, TypeError, KeyError, OSError) as e:
+        raise DecodeError(CORRUPT, f"unreadable DICOM header: {type(e).__name__}") from None
+    ident = identifying_values(ds)
+    try:
+        return _decode_pixels(ds, window, max_pixels, ident)
+    except DecodeError as e:
+        e.redact = ident  # the row's path must not show them either
+        raise
+
+
+def _decode_pixels(ds, window: dict, max_pixels: int, ident: list[str]) -> list[Slice]:
+    from .decode import CORRUPT, TOO_LARGE, TRUNCATED, DecodeError
+
+    sop_class = str(ds.get("SOPClassUID", ""))
+    modality = str(ds.get("Modality", ""))
+    if sop_class.startswith(NON_IMAGE_SOP_PREFIXES) or "PixelData" not in ds:
+        raise DecodeError("not_ct_image", f"DICOM object without CT pixels (modality {modality or '?'}, "
+                                          f"SOP class {sop_class or '?'}): skipped")
+    image_type = [str(t).upper() for t in ds.get("ImageType", [])]
+    if "LOCALIZER" in image_type or "SCOUT" in image_type:
+        raise DecodeError("localizer", "localizer/scout image, not an axial slice: skipped")
+    if modality and modality != "CT":
+        raise DecodeError("not_ct_image", f"modality {modality}, not CT: skipped")
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    announced = int(ds.get("Rows", 0) or 0) * int(ds.get("Columns", 0) or 0) * frames
+    if announced > max_pixels:
+        raise DecodeError(TOO_LARGE, f"{announced:,} pixels announced exceeds the limit of {max_pixels:,}")
+    meta = getattr(ds, "file_meta", None)
+    ts = meta.get("TransferSyntaxUID") if meta is not None else None
+    try:
+        pixels = ds.pixel_array
+    except Exception as e:  # pydicom raises RuntimeError/ValueError/NotImplementedError per plugin
+        msg = str(e).splitlines()[0][:200]
+        if "less than expected" in msg or "truncated" in msg.lower():
+            raise DecodeError(TRUNCATED, f"DICOM pixel data is truncated: {msg}") from None
+        if ts is not None and ts.is_compressed:
+            hint = DECODERS_HINT.get(str(ts), "a pydicom pixel-data plugin for it")
+            raise DecodeError("unsupported_transfer_syntax",
+                              f"transfer syntax {ts.name} ({ts}) is not decodable here; {hint} would decode it") from None
+        raise DecodeError(CORRUPT, f"DICOM pixel data could not be decoded: {msg}") from None
+    if pixels.ndim == 2 or (pixels.ndim == 3 and frames == 1 and pixels.shape[-1] in (3, 4)):
+        pixels = pixels[None]
+    if pixels.ndim != 3:
+        raise DecodeError("unsupported_pixels", f"DICOM pixel array of shape {pixels.shape} is not grey CT")
+    invert = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper() == "MONOCHROME1"
+    pad_value = ds.get("PixelPaddingValue")
+    pad_limit = ds.get("PixelPaddingRangeLimit")
+    study, series, sop = (str(ds.get(k, "")) for k in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"))
+    inst = ds.get("InstanceNumber")
+    out = []
+    for i in range(pixels.shape[0]):
+        stored = pixels[i]
+        padding = None
+        if pad_value is not None:
+            a, b = sorted((int(pad_value), int(pad_limit))) if pad_limit is not None else (int(pad_value),) * 2
+            padding = (stored >= a) & (stored <= b)
+        slope, intercept = _frame_rescale(ds, i)
+        grey = window_to_grey(hounsfield(stored, slope, intercept), float(window["level"]), float(window["width"]),
+                              invert, padding)
+        out.append(Slice(grey, i, study, series, sop, int(inst) if inst not in (None, "") else None,
+                         _frame_position(ds, i), ident))
+    return out

@@ -1,0 +1,135 @@
+"""OUT_DIR/report.html: one self-contained page (no server, no network, no scripts) for a radiologist."""
+
+from __future__ import annotations
+
+import base64
+import html
+import os
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from .contract import DISCLAIMER
+from .sink import PREDICTIONS
+from .studies import STUDIES
+
+REPORT = "report.html"
+MAX_FLAGGED = 200  # studies shown with thumbnails; the rest are counted
+
+
+def _esc(v) -> str:
+    return html.escape("" if v is None else str(v))
+
+
+def histogram_svg(probs: np.ndarray, threshold: float, bins: int = 20, w: int = 560, h: int = 180) -> str:
+    counts, _ = np.histogram(probs, bins=bins, range=(0.0, 1.0))
+    top = max(1, int(counts.max()) if len(counts) else 1)
+    bw = w / bins
+    bars = "".join(
+        f'<rect x="{i * bw:.1f}" y="{h - 20 - c / top * (h - 30):.1f}" width="{bw - 2:.1f}" '
+        f'height="{c / top * (h - 30):.1f}" fill="#4a78b5"><title>{i / bins:.2f}-{(i + 1) / bins:.2f}: {c}</title></rect>'
+        for i, c in enumerate(counts))
+    tx = threshold * w
+    axis = "".join(f'<text x="{x * w:.0f}" y="{h - 4}" font-size="11" text-anchor="middle">{x:.1f}</text>'
+                   for x in (0.0, 0.25, 0.5, 0.75, 1.0))
+    return (f'<svg id="histogram" xmlns="http://www.w3.org/2000/svg" width="{w + 10}" height="{h}" '
+            f'role="img" aria-label="histogram of slice probabilities">{bars}'
+            f'<line x1="{tx:.1f}" x2="{tx:.1f}" y1="0" y2="{h - 20}" stroke="#c0392b" stroke-width="2"/>'
+            f'<text x="{tx + 4:.1f}" y="12" font-size="11" fill="#c0392b">threshold {threshold:.3f}</text>{axis}</svg>')
+
+
+def write_report(out: Path, run: dict, group_by: str | None = None) -> Path:
+    """Render the report from run.json's record, studies.parquet and the prediction parts."""
+    out = Path(out)
+    sha = run["model"]["sha256"]
+    thr = float(run["model"]["contract"]["threshold"])
+    from .studies import current_rows
+    rows = current_rows(out, sha)
+    probs = rows.probability.dropna().to_numpy(np.float64) if len(rows) else np.zeros(0)
+    studies = pq.read_table(out / STUDIES).to_pandas() if (out / STUDIES).exists() else None
+    c = run["counts"]
+    status = rows.status.value_counts().to_dict() if len(rows) else {}
+
+    parts = [f"""<!doctype html><html lang="en"><head><meta charset="utf-8">
+<title>covidct-batch report {_esc(run['run_id'])}</title>
+<style>body{{font-family:sans-serif;margin:2em;max-width:1100px;color:#222}}
+table{{border-collapse:collapse;margin:.5em 0}}td,th{{border:1px solid #ccc;padding:3px 8px;text-align:left}}
+.warn{{background:#fff3cd;border:1px solid #e0c060;padding:.6em 1em}}.thumbs img{{margin:2px;border:1px solid #999}}
+.flag{{color:#c0392b;font-weight:bold}}</style></head><body>
+<h1>covidct-batch screening report</h1>
+<p class="warn" id="disclaimer">{_esc(DISCLAIMER)}</p>
+<p>Run <code>{_esc(run['run_id'])}</code>, {_esc(run['started'])} to {_esc(run['ended'])}. Model sha256
+<code>{_esc(sha[:16])}</code>, positive class <b>{_esc(run['model']['contract']['positive_class'])}</b>,
+threshold {thr:.4f}, provider {_esc(', '.join(run['execution_providers']))}.</p>
+<h2>Counts</h2><table id="counts"><tr><th>files/slices in OUT_DIR</th><th>number</th></tr>"""]
+    for k in ("ok", "error", "skipped"):
+        parts.append(f"<tr><td>{k}</td><td class='n-{k}'>{int(status.get(k, 0))}</td></tr>")
+    for label, n in sorted(rows[rows.status == "ok"].positive.map({True: "flagged", False: "not flagged"})
+                           .value_counts().items() if len(rows) else []):
+        parts.append(f"<tr><td>ok, {label}</td><td>{int(n)}</td></tr>")
+    parts.append(f"<tr><td>this run: new / already done</td><td>{c['ok'] + c['error'] + c['skipped']} / "
+                 f"{c['already_done']}</td></tr></table>")
+    parts.append("<h2>Slice probabilities</h2>" + histogram_svg(probs, thr))
+
+    parts.append("<h2>Flagged studies</h2>")
+    if studies is not None and len(studies):
+        st = studies[studies.level == "study"]
+        flagged = st[st.decision].sort_values("top_k_mean", ascending=False)
+        parts.append(f"<p>{len(flagged)} of {len(st)} studies flagged (mean of the top {int(st.top_k.iloc[0])} "
+                     f"slice probabilities &ge; threshold).</p>")
+        parts.append('<table id="flagged"><tr><th>study</th><th>slices ok/total</th><th>flagged slices</th>'
+                     "<th>top-k mean</th><th>max</th><th>top slices</th></tr>")
+        thumbs = _thumbnails(out, sha, group_by)
+        for _, s in flagged.head(MAX_FLAGGED).iterrows():
+            imgs = "".join(
+                f'<img alt="slice p={p:.3f}" title="p={p:.3f}" width="96" height="96" '
+                f'src="data:image/jpeg;base64,{base64.b64encode(b).decode()}">'
+                for p, b in thumbs.get(s.study, [])[:3])
+            parts.append(f"<tr><td><code>{_esc(s.study)}</code></td><td>{s.ok}/{s.slices}</td>"
+                         f"<td>{s.flagged_slices}</td><td class='flag'>{s.top_k_mean:.3f}</td>"
+                         f"<td>{s.max_probability:.3f}</td><td class='thumbs'>{imgs}</td></tr>")
+        parts.append("</table>")
+        if len(flagged) > MAX_FLAGGED:
+            parts.append(f"<p>{len(flagged) - MAX_FLAGGED} more flagged studies are in studies.parquet.</p>")
+    else:
+        parts.append("<p>No study grouping (DICOM UIDs or --group-by) for these inputs.</p>")
+
+    parts.append('<h2>Errors and skips</h2><table id="reasons"><tr><th>status</th><th>reason</th><th>number</th></tr>')
+    if len(rows):
+        for (st_, reason), n in rows[rows.status != "ok"].groupby(["status", "reason"]).size().items():
+            parts.append(f"<tr><td>{_esc(st_)}</td><td>{_esc(reason)}</td><td>{int(n)}</td></tr>")
+    parts.append("</table>")
+    lat = run["latency_ms"]
+    parts.append(f"<h2>Throughput and latency</h2><p id='throughput'>{run['images_per_s']:.1f} images/s end to end"
+                 f" over {run['seconds']:.1f} s" + (f", {run['steady_images_per_s']:.1f} images/s steady"
+                                                     if run.get("steady_images_per_s") else "") + ".</p>")
+    parts.append("<table><tr><th>stage (ms)</th><th>p50</th><th>p95</th><th>p99</th></tr>" + "".join(
+        f"<tr><td>{_esc(k.replace('_ms', ''))}</td><td>{v['p50']}</td><td>{v['p95']}</td><td>{v['p99']}</td></tr>"
+        for k, v in lat.items() if v["p50"] is not None) + "</table>")
+    parts.append(f"<p><small>{_esc(DISCLAIMER)}</small></p></body></html>")
+    tmp = out / (REPORT + ".tmp")
+    tmp.write_text("\n".join(parts), encoding="utf-8")
+    os.replace(tmp, out / REPORT)
+    return out / REPORT
+
+
+def _thumbnails(out: Path, sha: str, group_by: str | None) -> dict[str, list[tuple[float, bytes]]]:
+    """The three most probable slices' thumbnails per study (DICOM study UID, or the --group-by key)."""
+    from .studies import group_key
+    best: dict[str, list[tuple[float, bytes]]] = {}
+    for part in sorted((out / PREDICTIONS).glob("part-*.parquet")):
+        t = pq.read_table(part, columns=["path", "study_uid", "probability", "thumbnail", "model_sha256"])
+        d = t.filter(t["thumbnail"].is_valid()).to_pydict()
+        for path, study, p, b, h in zip(d["path"], d["study_uid"], d["probability"], d["thumbnail"],
+                                         d["model_sha256"]):
+            if h != sha:
+                continue
+            key = study if study is not None else group_key(path, group_by)
+            if key is None:
+                continue
+            lst = best.setdefault(key, [])
+            lst.append((p, b))
+            lst.sort(key=lambda x: -x[0])
+            del lst[3:]
+    return best

@@ -1,0 +1,278 @@
+"""DICOM: HU from each file's rescale, the contract's window, skips, compressed syntaxes, studies,
+no identifying value in any output, and the report in headless Chromium."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pydicom
+import pytest
+from pydicom.data import get_testdata_file
+from pydicom.uid import generate_uid
+
+from engine.contract import LUNG_WINDOW, Contract
+from engine.decode import DecodeError, decode_frames
+from tests.conftest import read_rows, run_cli, shared_dataset, tiny_model
+
+SIZE = (64, 64)
+
+
+def dicom_file(name: str) -> Path:
+    p = get_testdata_file(name, download=False)
+    if p is None:
+        pytest.skip(f"{name} is not installed (pydicom-data)")
+    return Path(p)
+
+
+def independent_grey(path: Path, window=LUNG_WINDOW, size=SIZE) -> list[np.ndarray]:
+    """HU -> window -> resize, computed here from pydicom's raw values without engine code."""
+    ds = pydicom.dcmread(path)
+    raw = ds.pixel_array
+    frames = raw[None] if raw.ndim == 2 else raw
+    out = []
+    for i, f in enumerate(frames):
+        slope, intercept = float(ds.get("RescaleSlope", 1)), float(ds.get("RescaleIntercept", 0))
+        groups = [ds.PerFrameFunctionalGroupsSequence[i]] if "PerFrameFunctionalGroupsSequence" in ds else []
+        groups += list(ds.get("SharedFunctionalGroupsSequence", []))
+        for g in groups:  # per-frame values first, then the shared ones
+            if "PixelValueTransformationSequence" in g:
+                pvt = g.PixelValueTransformationSequence[0]
+                slope, intercept = float(pvt.RescaleSlope), float(pvt.RescaleIntercept)
+                break
+        hu = f.astype(np.float64) * slope + intercept
+        lo, width = window["level"] - window["width"] / 2, window["width"]
+        g = np.clip((hu - lo) / width * 255.0, 0, 255)
+        if ds.get("PixelPaddingValue") is not None:
+            g[f == ds.PixelPaddingValue] = 0
+        out.append(cv2.resize(np.rint(g).astype(np.uint8), (size[1], size[0]), interpolation=cv2.INTER_AREA))
+    return out
+
+
+def frames_of(path: Path, **kw):
+    return decode_frames(Path(path).read_bytes(), SIZE, window=kw.get("window", LUNG_WINDOW))
+
+
+def test_real_ct_windowed_pixels_equal_independent_hu_computation():
+    root = shared_dataset("tcia-covid19-ny-sbu-dicom")
+    files = sorted(root.rglob("*.dcm"))
+    intercepts = set()
+    for f in files:
+        intercepts.add(float(pydicom.dcmread(f, stop_before_pixels=True).RescaleIntercept))
+        (got, sl), = frames_of(f)
+        ref, = independent_grey(f)
+        assert np.abs(got.astype(int) - ref).max() <= 1, f.name  # float32 vs float64 rounding only
+        assert sl.sop_uid and sl.instance_number is not None
+    assert {-1024.0, 0.0} <= intercepts  # GE and Toshiba both exercised
+
+
+def test_enhanced_multiframe_ct_rescales_per_frame():
+    path = dicom_file("eCT_Supplemental.dcm")
+    got = frames_of(path)
+    refs = independent_grey(path)
+    assert len(got) == len(refs) == 2
+    for (img, sl), ref in zip(got, refs):
+        assert np.abs(img.astype(int) - ref).max() <= 1
+    assert [sl.frame for _, sl in got] == [0, 1]
+
+
+def _variant(tmp_path, name="CT_small.dcm", **changes) -> Path:
+    ds = pydicom.dcmread(dicom_file(name))
+    for k, v in changes.items():
+        setattr(ds, k, v)
+    out = tmp_path / f"{name}-{len(list(tmp_path.iterdir()))}.dcm"
+    ds.save_as(out)
+    return out
+
+
+def test_monochrome1_is_inverted(tmp_path):
+    (plain, _), = frames_of(dicom_file("CT_small.dcm"))
+    (inv, _), = frames_of(_variant(tmp_path, PhotometricInterpretation="MONOCHROME1"))
+    assert np.abs((255 - plain.astype(int)) - inv).max() <= 1
+
+
+def test_padding_never_leaks_into_a_wide_window(tmp_path):
+    ds = pydicom.dcmread(dicom_file("CT_small.dcm"))
+    arr = ds.pixel_array.copy()
+    pad = int(arr.min()) - 1
+    arr[:20, :] = pad  # out-of-field band
+    ds.PixelData = arr.tobytes()
+    ds.PixelPaddingValue = pad
+    p = tmp_path / "padded.dcm"
+    ds.save_as(p)
+    wide = {"level": -1000.0, "width": 6000.0}  # would show the padding as grey if it leaked
+    (img, _), = decode_frames(p.read_bytes(), (128, 128), window=wide)
+    assert img[:20].max() == 0 and img[30:].max() > 0
+
+
+def test_localizer_and_non_ct_objects_are_skipped(tmp_path):
+    for path, code in ((_variant(tmp_path, ImageType=["ORIGINAL", "PRIMARY", "LOCALIZER"]), "localizer"),
+                       (dicom_file("MR_small.dcm"), "not_ct_image")):
+        with pytest.raises(DecodeError) as e:
+            frames_of(path)
+        assert e.value.code == code and e.value.skipped
+    sr = pydicom.Dataset()
+    sr.SOPClassUID = "1.2.840.10008.5.1.4.1.1.88.22"  # Enhanced SR
+    sr.SOPInstanceUID = generate_uid()
+    sr.Modality = "SR"
+    sr.PatientName = "Doe^Jane"
+    sr.file_meta = pydicom.dataset.FileMetaDataset()
+    sr.file_meta.TransferSyntaxUID = pydicom.uid.ExplicitVRLittleEndian
+    sr.file_meta.MediaStorageSOPClassUID = sr.SOPClassUID
+    sr.file_meta.MediaStorageSOPInstanceUID = sr.SOPInstanceUID
+    p = tmp_path / "report.dcm"
+    sr.save_as(p, enforce_file_format=True)
+    with pytest.raises(DecodeError) as e:
+        frames_of(p)
+    assert e.value.code == "not_ct_image" and "Doe^Jane" in e.value.redact
+
+
+def test_compressed_transfer_syntaxes(tmp_path):
+    ok = _variant(tmp_path, "JPEG-LL.dcm", Modality="CT")  # JPEG lossless: python-gdcm decodes it
+    assert frames_of(ok)[0][0].shape == SIZE
+    bad = _variant(tmp_path, "JPEG-lossy.dcm", Modality="CT")  # 12-bit JPEG Extended: only GPL libjpeg
+    with pytest.raises(DecodeError) as e:
+        frames_of(bad)
+    assert e.value.code == "unsupported_transfer_syntax" and "pylibjpeg-libjpeg" in e.value.message
+    assert "JPEG Extended" in e.value.message
+
+
+def _series(root: Path, studies=2, series=2, slices=3) -> dict:
+    """Copies of CT_small with new UIDs and positions: studies x series x slices."""
+    base = pydicom.dcmread(dicom_file("CT_small.dcm"))
+    layout = {}
+    for s in range(studies):
+        study = generate_uid()
+        for r in range(series):
+            ser = generate_uid()
+            for k in range(slices):
+                ds = copy.deepcopy(base)
+                ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID = study, ser, generate_uid()
+                ds.InstanceNumber = k + 1
+                ds.ImagePositionPatient = [0.0, 0.0, float(k * 5)]
+                ds.PatientID = f"PID{s:04d}X"
+                d = root / f"study{s}" / f"series{r}"
+                d.mkdir(parents=True, exist_ok=True)
+                ds.save_as(d / f"{k}.dcm")
+                layout.setdefault(study, set()).add(ser)
+    return layout
+
+
+def test_studies_and_series_from_dicom_uids_and_pseudonyms(tmp_path):
+    layout = _series(tmp_path / "arch")
+    model = tiny_model(tmp_path / "m.onnx", SIZE, threshold=0.3)
+    out = tmp_path / "o"
+    r = run_cli("covidct-batch", tmp_path / "arch", "--model", model, "--out", out, "--no-progress")
+    assert r.returncode == 0, r.stderr[-2000:]
+    st = read_rows(out)
+    import pandas as pd
+    studies = pd.read_parquet(out / "studies.parquet")
+    assert set(studies[studies.level == "study"].study) == set(layout)
+    assert len(studies[studies.level == "series"]) == sum(len(v) for v in layout.values())
+    assert (studies[studies.level == "series"].slices == 3).all() and (studies[studies.level == "study"].slices == 6).all()
+    assert sorted(st.slice_position.unique()) == [0.0, 5.0, 10.0]
+    one = studies[studies.level == "study"].iloc[0]
+    probs = np.sort(st[st.study_uid == one.study].probability.to_numpy())[::-1]
+    assert one.top_k_mean == pytest.approx(probs[:3].mean()) and one.decision == (probs[:3].mean() >= 0.3)
+
+    env = {**os.environ, "COVIDCT_PSEUDONYM_KEY": "k" * 32}
+    p1 = run_cli("covidct-batch", tmp_path / "arch", "--model", model, "--out", tmp_path / "p", "--pseudonymize",
+                 "--no-progress", env=env)
+    assert p1.returncode == 0, p1.stderr[-2000:]
+    ps = read_rows(tmp_path / "p")
+    assert not set(ps.study_uid) & set(layout) and ps.study_uid.nunique() == len(layout)
+    assert all(u.startswith("2.25.") for u in ps.sop_uid)
+    refused = run_cli("covidct-batch", tmp_path / "arch", "--model", model, "--out", tmp_path / "q",
+                      "--pseudonymize", env={k: v for k, v in os.environ.items() if k != "COVIDCT_PSEUDONYM_KEY"})
+    assert refused.returncode == 2 and "COVIDCT_PSEUDONYM_KEY" in refused.stderr
+
+
+def test_group_by_parent_for_png_archives(tmp_path):
+    rng = np.random.default_rng(0)
+    for folder in ("patient_a", "patient_b"):
+        for k in range(4):
+            d = tmp_path / "arch" / folder
+            d.mkdir(parents=True, exist_ok=True)
+            cv2.imwrite(str(d / f"{k}.png"), rng.integers(0, 256, (80, 80), dtype=np.uint8))
+    out = tmp_path / "o"
+    r = run_cli("covidct-batch", tmp_path / "arch", "--model", tiny_model(tmp_path / "m.onnx", SIZE), "--out", out,
+                "--group-by", "parent", "--no-progress")
+    assert r.returncode == 0, r.stderr[-2000:]
+    import pandas as pd
+    studies = pd.read_parquet(out / "studies.parquet")
+    assert sorted(Path(s).name for s in studies[studies.level == "study"].study) == ["patient_a", "patient_b"]
+
+
+def _identifiers(files, keywords=("PatientName", "PatientID", "PatientBirthDate", "AccessionNumber",
+                                   "InstitutionName")) -> set[str]:
+    vals = set()
+    for f in files:
+        ds = pydicom.dcmread(f, stop_before_pixels=True)
+        for kw in keywords:
+            v = str(ds.get(kw, "") or "").strip()
+            if len(v) >= 3:
+                vals.add(v)
+    return vals
+
+
+def _assert_absent(secrets: set[str], out: Path, proc) -> None:
+    blobs = [p.read_bytes() for p in out.rglob("*") if p.is_file()] + [proc.stdout.encode(), proc.stderr.encode()]
+    for s in secrets:
+        for variant in {s, s.replace("^", " ")}:
+            assert not any(variant.encode() in b for b in blobs), f"identifier {variant!r} leaked"
+
+
+def _chromium() -> str:
+    for name in ("chromium", "chromium-browser", "google-chrome"):
+        path = shutil.which(name)
+        if path:
+            return path
+    pytest.skip("headless Chromium is not installed (apt-get install chromium; .ci/run installs it)")
+
+
+def test_tcia_archive_rows_studies_no_identifiers_and_report(tmp_path):
+    root = shared_dataset("tcia-covid19-ny-sbu-dicom")
+    files = sorted(root.rglob("*.dcm"))
+    work = tmp_path / "arch"
+    shutil.copytree(root, work)
+    shutil.copy(dicom_file("CT_small.dcm"), work / "COVID" / "ct_small.dcm")  # has a name and an institution
+    files = sorted(work.rglob("*.dcm"))
+    model = tiny_model(tmp_path / "m.onnx", (256, 256), threshold=0.35)
+    out = tmp_path / "o"
+    r = run_cli("covidct-batch", work, "--model", model, "--out", out, "--no-progress")
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = read_rows(out)
+    assert len(rows) == len(files) and (rows.status == "ok").all()  # the abdominal slice too
+    assert rows.sop_uid.is_unique
+    import pandas as pd
+    studies = pd.read_parquet(out / "studies.parquet")
+    uids = {str(pydicom.dcmread(f, stop_before_pixels=True).StudyInstanceUID) for f in files}
+    assert sorted(studies[studies.level == "study"].study) == sorted(uids)
+
+    # TCIA's UIDs are random; CT_small's embed its study date, which only --pseudonymize removes
+    tcia = [f for f in files if f.name != "ct_small.dcm"]
+    secrets = _identifiers(files) | _identifiers(tcia, ("StudyDate",))
+    assert {"A027284", "JFK IMAGING CENTER", "19000925"} <= secrets
+    _assert_absent(secrets, out, r)
+    env = {**os.environ, "COVIDCT_PSEUDONYM_KEY": "secret-key-for-tests"}
+    pr = run_cli("covidct-batch", work, "--model", model, "--out", tmp_path / "pseudo", "--pseudonymize",
+                 "--no-progress", env=env)
+    assert pr.returncode == 0, pr.stderr[-2000:]
+    _assert_absent(secrets | _identifiers(files, ("StudyDate",)), tmp_path / "pseudo", pr)
+
+    html = subprocess.run([_chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+                           "--no-first-run", "--disable-background-networking", "--disable-component-update",
+                           "--disable-sync", f"--user-data-dir={tmp_path / 'chromium'}", "--dump-dom",
+                           (out / "report.html").as_uri()], capture_output=True, text=True, timeout=120).stdout
+    assert "Research use only" in html and 'id="histogram"' in html
+    assert f"<td class=\"n-ok\">{len(files)}</td>" in html
+    flagged = studies[(studies.level == "study") & studies.decision]
+    assert html.count("data:image/jpeg;base64,") >= len(flagged) > 0
+    assert all(s in html for s in flagged.study)
+    assert "http://" not in html.replace("http://www.w3.org/2000/svg", "") and "https://" not in html
