@@ -158,6 +158,7 @@ def decode_frames(
     *,
     window: dict[str, float] | None = None,
     max_pixels: int = MAX_PIXELS,
+    reduced_jpeg: bool = False,
 ) -> list[tuple[np.ndarray, "Slice | None"]]:
     """Decode one file's bytes to grey uint8 images of ``image_size`` (height, width).
 
@@ -170,6 +171,10 @@ def decode_frames(
         interpolation: key of ``contract.INTERPOLATIONS`` (from the contract).
         window: CT window (level, width in HU) for DICOM input, from the contract.
         max_pixels: images whose header announces more pixels are refused before decoding.
+        reduced_jpeg: decode JPEGs at least twice the output size at half scale in libjpeg's DCT
+            (``cv2.IMREAD_REDUCED_GRAYSCALE_2``). Measured on 512x512 slices: 0.68 vs 0.78 ms, pixels
+            within 4 grey levels, probabilities within 2e-4 of a full decode + the contract's
+            interpolation: outside the 1e-4 parity bound, so it is opt-in (``--fast-jpeg``).
 
     Raises:
         DecodeError: with ``code`` one of this module's reason codes.
@@ -199,6 +204,8 @@ def decode_frames(
     # JPEG: libjpeg converts to grey itself (luma only, no chroma upsampling), which is
     # faster and equals BGR2GRAY; other formats keep depth and alpha for to_grey_uint8.
     flags = cv2.IMREAD_GRAYSCALE if fmt == "jpeg" else cv2.IMREAD_UNCHANGED
+    if reduced_jpeg and fmt == "jpeg" and size[0] >= 2 * image_size[1] and size[1] >= 2 * image_size[0]:
+        flags = cv2.IMREAD_REDUCED_GRAYSCALE_2
     try:
         img = cv2.imdecode(buf, flags)
     except cv2.error as e:

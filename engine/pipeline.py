@@ -68,6 +68,8 @@ class ScreenConfig:
     pseudonym_key: str | None = None      # --pseudonymize: HMAC key for the DICOM UIDs
     group_by: str | None = None           # studies for non-DICOM rows: "parent" or a regex
     top_k: int = 3
+    object_store_mb: int = 512            # local runtime: the pipeline holds a few MB in flight
+    fast_jpeg: bool = False               # half-scale JPEG decode (opt-in: not bit-equal to training's)
 
     def __post_init__(self):
         if not self.inputs and self.from_list is None:
@@ -119,7 +121,7 @@ def decode_batch(items: list[tuple[str, int, int, int]], spec: dict) -> dict:
             data = read_file(path)
             t1 = time.perf_counter()
             frames = decode_frames(data, spec["image_size"], spec["interpolation"], window=spec["window"],
-                                   max_pixels=spec["max_pixels"])
+                                   max_pixels=spec["max_pixels"], reduced_jpeg=spec["fast_jpeg"])
             t2 = time.perf_counter()
         except DecodeError as e:
             meta.append({**base, "path": redact(path, e.redact), "status": "skipped" if e.skipped else "error",
@@ -232,7 +234,10 @@ def start_ray(cfg: ScreenConfig):
     kwargs = dict(include_dashboard=False, log_to_driver=True, configure_logging=False)
     try:
         if cfg.address is None:
-            ray.init(num_cpus=cfg.num_cpus or os.cpu_count(), **kwargs)
+            # Ray's default store is 30% of RAM; its shared pages, once touched, stay in RSS, so a
+            # long run would grow towards it. At most max_in_flight batches exist: cap it.
+            ray.init(num_cpus=cfg.num_cpus or os.cpu_count(), object_store_memory=cfg.object_store_mb << 20,
+                     **kwargs)
         else:
             ray.init(address=cfg.address, **kwargs)
     except Exception as e:  # ConnectionError, auth failures, bad address
@@ -362,7 +367,8 @@ def _run(cfg, contract, model_sha, out, done, run_id, started, t_start) -> RunSu
                  summary.provider, time.monotonic() - t_start)
     decode = ray.remote(decode_batch).options(num_cpus=cfg.decode_cpus, max_retries=3)
     spec = {"image_size": contract.image_size, "interpolation": contract.interpolation,
-            "window": contract.window, "max_pixels": cfg.max_pixels, "pseudonym_key": cfg.pseudonym_key}
+            "window": contract.window, "max_pixels": cfg.max_pixels, "pseudonym_key": cfg.pseudonym_key,
+            "fast_jpeg": cfg.fast_jpeg}
     spec_ref = ray.put(spec)
 
     writer = PartWriter(out / PREDICTIONS, run_id, cfg.rows_per_part, cfg.part_seconds)

