@@ -92,7 +92,8 @@ def make_seed_model(work: Path, archive: Path, int8: bool = True) -> Path:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     from engine import __version__
     from export.exporter import ExportConfig, export
-    from train.fit import CONTRACT_FILE, MODEL_FILE, SPLIT_FILE, sha256_file
+    from engine.contract import sha256_file
+    from train.fit import CONTRACT_FILE, MODEL_FILE, SPLIT_FILE
     from train.model import build_model
 
     run = work / "run"

@@ -151,6 +151,16 @@ class Contract:
             raise ContractError(f"contract fields are malformed: {e}") from None
 
 
+def sha256_file(path) -> str:
+    """Hex sha256 of a file, read in 1 MiB chunks: the provenance hash of models."""
+    import hashlib
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 def read_contract(model_path) -> Contract:
     """Read the contract embedded in an ONNX model file, without loading the graph weights.
 

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from . import __version__
-from .contract import DISCLAIMER, Contract, ContractError, read_contract
+from .contract import DISCLAIMER, Contract, ContractError, read_contract, sha256_file
 from .decode import MAX_PIXELS, DecodeError, decode_frames, read_file
 from .dicom import redact
 from .predictor import ModelError, Predictor
@@ -199,15 +199,6 @@ class RunSummary:
     images_per_s: float = 0.0
     exit_code: int = EXIT_OK
     run: dict = field(default_factory=dict)
-
-
-def sha256_file(path: Path) -> str:
-    import hashlib
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def check_model(model: Path) -> Contract:

@@ -13,7 +13,8 @@ import numpy as np
 from engine.contract import Contract
 from engine.decode import DecodeError, decode_file
 from train.data import read_split
-from train.fit import CONTRACT_FILE, MODEL_FILE, SPLIT_FILE, sha256_file
+from engine.contract import sha256_file
+from train.fit import CONTRACT_FILE, MODEL_FILE, SPLIT_FILE
 
 from .convert import keras_to_onnx, save_atomic
 from .validate import ExportValidationError, compare, structural_problems, validate

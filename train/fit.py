@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import time
@@ -12,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from engine import __version__
-from engine.contract import DEFAULT_INTERPOLATION, LUNG_WINDOW, Contract
+from engine.contract import DEFAULT_INTERPOLATION, LUNG_WINDOW, Contract, sha256_file
 
 from . import data as data_mod
 from .metrics import operating_threshold, screening_metrics
@@ -51,14 +50,6 @@ class TrainConfig:
             raise ValueError(f"target_sensitivity must be in (0, 1], e.g. 0.95; got {self.target_sensitivity}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, e.g. 32; got {self.batch_size}")
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def train(cfg: TrainConfig) -> dict:
