@@ -100,11 +100,35 @@ def format_summary(run: dict, out: Path) -> str:
     if run.get("studies", {}).get("studies"):
         st = run["studies"]
         lines.append(f"  studies: {st['flagged']} flagged of {st['studies']} ({st['rule']})")
+    lines.extend(study_table(Path(out)))
     lines.append(f"  predictions: {Path(out) / 'predictions'}/part-*.parquet; run record: {Path(out) / 'run.json'}")
     lines.append(f"  studies: {Path(out) / 'studies.parquet'}; report: {Path(out) / 'report.html'}")
     lines.append(f"  exit code {run['exit_code']}")
     lines.append(DISCLAIMER)
     return "\n".join(lines)
+
+
+def study_table(out: Path, limit: int = 15) -> list[str]:
+    """The studies with the highest top-k mean, as printed lines (the rest are in studies.parquet)."""
+    import pyarrow.parquet as pq
+
+    path = out / "studies.parquet"
+    if not path.exists():
+        return []
+    st = [r for r in pq.read_table(path).to_pylist() if r["level"] == "study"]
+    if not st:
+        return []
+    st.sort(key=lambda r: -(r["top_k_mean"] if r["top_k_mean"] is not None else -1))
+    lines = [f"  {'study':<26} {'slices':>6} {'ok':>4} {'flagged':>7} {'top-k mean':>10}  decision"]
+    for r in st[:limit]:
+        name = str(r["study"])
+        name = name if len(name) <= 26 else "..." + name[-23:]
+        mean = f"{r['top_k_mean']:.3f}" if r["top_k_mean"] is not None else "-"
+        lines.append(f"  {name:<26} {r['slices']:>6} {r['ok']:>4} {r['flagged_slices']:>7} {mean:>10}  "
+                     + ("FLAGGED" if r["decision"] else "not flagged"))
+    if len(st) > limit:
+        lines.append(f"  ... {len(st) - limit} more studies in studies.parquet")
+    return lines
 
 
 if __name__ == "__main__":

@@ -438,7 +438,7 @@ def _run(cfg, contract, model_sha, out, done, run_id, started, t_start) -> RunSu
     n = sum(summary.counts.values())
     summary.seconds = t_end - t_start
     summary.images_per_s = n / summary.seconds if summary.seconds else 0.0
-    if t_first_row and n > t_first_row[1] and t_end > t_first_row[0]:
+    if t_first_row and n - t_first_row[1] >= 100 and t_end > t_first_row[0]:  # too few rows: no steady state
         summary.steady_images_per_s = (n - t_first_row[1]) / (t_end - t_first_row[0])
     summary.exit_code = EXIT_FILE_ERRORS if summary.counts["error"] else EXIT_OK
     summary.run = _run_record(cfg, contract, model_sha, run_id, plan, providers, summary, stages, started,
