@@ -32,34 +32,35 @@ def _stat_item(path: str, entry: os.DirEntry | None = None) -> Item:
 
 
 def walk(root: str) -> Iterator[Item]:
-    """Files under ``root``, depth first, names sorted per folder (a deterministic order).
+    """Files under ``root``, depth first, each yielded as ``os.scandir`` sees it.
 
-    Symbolic links to files are followed; links to folders are not (no cycles).
+    Only sub-folder names are kept (sorted, for a stable order between runs); a folder with
+    millions of files is streamed, never listed in memory. Symbolic links to files are
+    followed; links to folders are not (no cycles).
     """
     stack = [root]
     while stack:
         folder = stack.pop()
+        subdirs = []
         try:
             with os.scandir(folder) as it:
-                entries = sorted(it, key=lambda e: e.name)
+                for entry in it:
+                    try:
+                        if entry.is_dir(follow_symlinks=False):
+                            subdirs.append(entry.path)
+                            continue
+                        if not entry.is_file():  # sockets, fifos, dangling links
+                            if entry.is_symlink():
+                                yield Item(entry.path, -1, -1, "dangling symbolic link")
+                            continue
+                    except OSError as e:
+                        yield Item(entry.path, -1, -1, e.strerror or str(e))
+                        continue
+                    yield _stat_item(entry.path, entry)
         except OSError as e:
             yield Item(folder, -1, -1, f"cannot list folder: {e.strerror or e}")
             continue
-        subdirs = []
-        for entry in entries:
-            try:
-                if entry.is_dir(follow_symlinks=False):
-                    subdirs.append(entry.path)
-                    continue
-                if not entry.is_file():  # sockets, fifos, dangling links
-                    if entry.is_symlink():
-                        yield Item(entry.path, -1, -1, "dangling symbolic link")
-                    continue
-            except OSError as e:
-                yield Item(entry.path, -1, -1, e.strerror or str(e))
-                continue
-            yield _stat_item(entry.path, entry)
-        stack.extend(reversed(subdirs))
+        stack.extend(sorted(subdirs, reverse=True))
 
 
 def _nested(path: str, roots: list[str]) -> bool:
