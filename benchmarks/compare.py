@@ -31,16 +31,33 @@ RESULTS = Path(__file__).resolve().parent / "results"
 BIN = Path(sys.executable).parent
 
 
+def session_pids(sid: int) -> list[int]:
+    """Processes whose session id is ``sid`` (field 6 of /proc/PID/stat): a run and all it started."""
+    pids = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                if int((d / "stat").read_text().rsplit(")", 1)[1].split()[3]) == sid:
+                    pids.append(int(d.name))
+            except (OSError, ValueError, IndexError):
+                continue
+    return pids
+
+
+def kill_session(sid: int) -> None:
+    """SIGKILL every process of session ``sid`` (it was started with start_new_session=True)."""
+    for pid in session_pids(sid):
+        try:
+            os.kill(pid, 9)
+        except ProcessLookupError:
+            pass
+
+
 def session_rss_mb(sid: int) -> float:
     total = 0
-    for d in Path("/proc").iterdir():
-        if not d.name.isdigit():
-            continue
+    for pid in session_pids(sid):
         try:
-            stat = (d / "stat").read_text().rsplit(")", 1)[1].split()
-            if int(stat[3]) != sid:
-                continue
-            for line in (d / "status").read_text().splitlines():
+            for line in (Path("/proc") / str(pid) / "status").read_text().splitlines():
                 if line.startswith("VmRSS:"):
                     total += int(line.split()[1])
         except (OSError, ValueError, IndexError):
@@ -67,7 +84,7 @@ def run_measured(cmd: list[str], timeout: float = 3600) -> dict:
     finally:
         stop.set()
         th.join()
-        _kill_session(proc.pid)
+        kill_session(proc.pid)
     wall = time.perf_counter() - t
     result = {}
     for line in out.splitlines():
@@ -75,16 +92,6 @@ def run_measured(cmd: list[str], timeout: float = 3600) -> dict:
             result = json.loads(line[7:])
     return {"wall_s": wall, "peak_rss_mb": round(peak[0], 1), "rc": proc.returncode, "result": result,
             "stderr_tail": err[-1500:], "stdout": out}
-
-
-def _kill_session(sid: int) -> None:
-    for d in Path("/proc").iterdir():
-        if d.name.isdigit():
-            try:
-                if int((d / "stat").read_text().rsplit(")", 1)[1].split()[3]) == sid:
-                    os.kill(int(d.name), 9)
-            except (OSError, ValueError, IndexError):
-                pass
 
 
 def make_seed_model(work: Path, archive: Path, int8: bool = True) -> Path:

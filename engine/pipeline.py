@@ -444,9 +444,10 @@ def _run(cfg, contract, model_sha, out, done, run_id, started, t_start) -> RunSu
     summary.run = _run_record(cfg, contract, model_sha, run_id, plan, providers, summary, stages, started,
                               writer, t_start)
     from .report import write_report
-    from .studies import build_studies
+    from .studies import build_studies, current_rows
 
-    studies = build_studies(out, model_sha, contract.threshold, cfg.top_k, cfg.group_by)
+    rows = current_rows(out, model_sha)  # read the parts once for studies and report
+    studies = build_studies(out, rows, contract.threshold, cfg.top_k, cfg.group_by)
     summary.run["studies"] = {"studies": sum(1 for v in studies.column("level").to_pylist() if v == "study"),
                               "flagged": sum(1 for lv, d in zip(studies.column("level").to_pylist(),
                                                                  studies.column("decision").to_pylist())
@@ -455,7 +456,7 @@ def _run(cfg, contract, model_sha, out, done, run_id, started, t_start) -> RunSu
     tmp = out / "run.json.tmp"
     tmp.write_text(json.dumps(summary.run, indent=2, default=str))
     os.replace(tmp, out / "run.json")
-    write_report(out, summary.run, cfg.group_by)
+    write_report(out, summary.run, rows, cfg.group_by)
     return summary
 
 

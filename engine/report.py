@@ -39,13 +39,12 @@ def histogram_svg(probs: np.ndarray, threshold: float, bins: int = 20, w: int = 
             f'<text x="{tx + 4:.1f}" y="12" font-size="11" fill="#c0392b">threshold {threshold:.3f}</text>{axis}</svg>')
 
 
-def write_report(out: Path, run: dict, group_by: str | None = None) -> Path:
-    """Render the report from run.json's record, studies.parquet and the prediction parts."""
+def write_report(out: Path, run: dict, rows, group_by: str | None = None) -> Path:
+    """Render the report from run.json's record, the current rows (``studies.current_rows``),
+    studies.parquet and the thumbnails in the prediction parts."""
     out = Path(out)
     sha = run["model"]["sha256"]
     thr = float(run["model"]["contract"]["threshold"])
-    from .studies import current_rows
-    rows = current_rows(out, sha)
     probs = rows.probability.dropna().to_numpy(np.float64) if len(rows) else np.zeros(0)
     studies = pq.read_table(out / STUDIES).to_pandas() if (out / STUDIES).exists() else None
     c = run["counts"]

@@ -48,10 +48,9 @@ def group_key(path: str, group_by: str | None) -> str | None:
     return (m.group(1) if m.groups() else m.group(0)) if m else None
 
 
-def build_studies(out: Path, model_sha256: str, threshold: float, top_k: int = 3,
-                  group_by: str | None = None) -> pa.Table:
-    """One row per series and per study; written to OUT_DIR/studies.parquet atomically."""
-    df = current_rows(out, model_sha256)
+def build_studies(out: Path, rows, threshold: float, top_k: int = 3, group_by: str | None = None) -> pa.Table:
+    """One row per series and per study from ``current_rows``; written to OUT_DIR/studies.parquet atomically."""
+    df = rows.copy()
     if len(df):
         other = df.study_uid.isna()
         df.loc[other, "study_uid"] = [group_key(p, group_by) for p in df.loc[other, "path"]]

@@ -16,6 +16,8 @@ import numpy as np
 import pytest
 
 from engine.decode import decode_file
+from benchmarks.compare import kill_session as _kill_session
+from benchmarks.compare import session_pids as _session_pids
 from tests.conftest import ROOT, read_rows, run_cli, tiny_model
 
 SIZE = (64, 64)
@@ -193,27 +195,6 @@ def _many_jpegs(root: Path, n: int) -> None:
 def _mk(d: Path) -> Path:
     d.mkdir(parents=True, exist_ok=True)
     return d
-
-
-def _session_pids(sid: int) -> list[int]:
-    pids = []
-    for d in Path("/proc").iterdir():
-        if d.name.isdigit():
-            try:
-                fields = (d / "stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[3]) == sid:  # field 6 of /proc/PID/stat: session id
-                pids.append(int(d.name))
-    return pids
-
-
-def _kill_session(sid: int) -> None:
-    for pid in _session_pids(sid):
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
 
 
 def _start(args) -> subprocess.Popen:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from engine.decode import DecodeError, decode_and_resize
+from engine.decode import DecodeError, decode_and_resize, read_file
 
 log = logging.getLogger(__name__)
 
@@ -70,10 +70,10 @@ def load_images(data_dir: Path, classes: tuple[str, str], image_size: tuple[int,
     for label, name in enumerate(classes):
         for path in sorted(p for p in (Path(data_dir) / name).rglob("*") if p.is_file()):
             try:
-                data = path.read_bytes()
+                data = read_file(path)
                 img = decode_and_resize(data, image_size, interpolation)
-            except (OSError, DecodeError) as e:
-                reason = getattr(e, "code", "unreadable") + ": " + str(e)
+            except DecodeError as e:
+                reason = f"{e.code}: {e}"
                 bad.append((str(path), reason))
                 continue
             paths.append(str(path))
