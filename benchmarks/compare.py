@@ -207,7 +207,7 @@ def int8_check(work: Path, int8_run: Path | None, real: Path | None) -> dict | N
     imgs = []
     for p in paths:
         try:
-            imgs.append(decode_file(p, c.image_size, c.interpolation))
+            imgs.append(decode_file(p, **c.decode_kwargs()))
         except DecodeError:
             pass
     if not imgs:

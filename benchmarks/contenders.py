@@ -44,7 +44,7 @@ def ceiling(args) -> dict:
     """ONNX Runtime alone on already-decoded uint8 tensors, all cores, best of batch sizes."""
     c = read_contract(args.model)
     paths = list_images(args.archive)[: args.ceiling_images]
-    x = np.stack([decode_file(p, c.image_size, c.interpolation) for p in paths])[..., None]
+    x = np.stack([decode_file(p, **c.decode_kwargs()) for p in paths])[..., None]
     sess = _session(args.model, os.cpu_count())
     results = {}
     for bs in (8, 16, 32, 64):
@@ -73,7 +73,7 @@ def plain_loop(args) -> dict:
     lat, dec = [], []
     for i in range(0, len(paths), 32):
         t0 = time.perf_counter()
-        x = np.stack([decode_file(p, c.image_size, c.interpolation) for p in paths[i:i + 32]])[..., None]
+        x = np.stack([decode_file(p, **c.decode_kwargs()) for p in paths[i:i + 32]])[..., None]
         t1 = time.perf_counter()
         sess.run(None, {c.input_name: x})
         t2 = time.perf_counter()
@@ -91,7 +91,7 @@ def seeds_way(args) -> dict:
 
     from train.model import load_trained
     c = read_contract(args.model)
-    model = load_trained(Path(args.keras) / "model.keras", c.image_size)
+    model = load_trained(Path(args.keras) / "model.keras", c.image_size, c.architecture or "seed")
     ds = keras.utils.image_dataset_from_directory(args.archive, labels=None, color_mode="grayscale",
                                                   image_size=c.image_size, batch_size=32, shuffle=False)
     t = time.perf_counter()
@@ -112,10 +112,10 @@ def ray_data(args) -> dict:
 
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, configure_logging=False, log_to_driver=False)
     c = read_contract(args.model)
-    model, size, interp = args.model, c.image_size, c.interpolation
+    model, kwargs = args.model, c.decode_kwargs()
 
     def decode(batch):
-        imgs = np.stack([decode_file(p, size, interp) for p in batch["path"]])[..., None]
+        imgs = np.stack([decode_file(p, **kwargs) for p in batch["path"]])[..., None]
         return {"path": batch["path"], "image": imgs}
 
     class Predict:

@@ -14,9 +14,15 @@ from typing import Any
 
 import cv2
 
+from .preprocess import RESIZE, default_spec, spec_problems
+
 #: Key under which the contract JSON is stored in the ONNX model's metadata_props.
 METADATA_KEY = "covidct_contract"
-SCHEMA_VERSION = 1
+#: Version 2 adds ``preprocessing`` (site-invariant lung framing), ``target_sensitivity`` and
+#: ``architecture``. A version 1 contract reads as ``preprocessing = {"method": "resize"}``, so an
+#: older model screens exactly as it did.
+SCHEMA_VERSION = 2
+SUPPORTED_SCHEMAS = (1, 2)
 
 DEFAULT_INTERPOLATION = "area"
 
@@ -59,6 +65,10 @@ class Contract:
         metrics: test-split metrics from training (informational).
         source_sha256: hash of the Keras model the ONNX file was exported from.
         project_version: covidct-batch version that wrote the contract.
+        preprocessing: how a grey image becomes the model's input (``engine.preprocess``): method
+            and parameters. Schema 1 contracts have none and read as ``{"method": "resize"}``.
+        target_sensitivity: the sensitivity the threshold was chosen to reach (None if unknown).
+        architecture: the network's name (informational).
     """
 
     image_size: tuple[int, int]
@@ -76,6 +86,9 @@ class Contract:
     metrics: dict[str, Any] = field(default_factory=dict)
     source_sha256: str = ""
     project_version: str = ""
+    preprocessing: dict[str, Any] = field(default_factory=default_spec)
+    target_sensitivity: float | None = None
+    architecture: str = ""
     schema_version: int = SCHEMA_VERSION
 
     def __post_init__(self) -> None:
@@ -107,8 +120,13 @@ class Contract:
         w = self.window
         if not isinstance(w, dict) or not {"level", "width"} <= set(w) or not float(w.get("width", 0)) > 0:
             p.append(f"window must be {{'level': HU, 'width': HU > 0}}, e.g. {LUNG_WINDOW}; got {w!r}")
-        if self.schema_version != SCHEMA_VERSION:
-            p.append(f"schema_version {self.schema_version!r} is not supported (this engine reads {SCHEMA_VERSION})")
+        p.extend(spec_problems(self.preprocessing))
+        ts = self.target_sensitivity
+        if ts is not None and (not isinstance(ts, (int, float)) or not 0.0 < float(ts) <= 1.0):
+            p.append(f"target_sensitivity must be in (0, 1], e.g. 0.95; got {ts!r}")
+        if self.schema_version not in SUPPORTED_SCHEMAS:
+            p.append(f"schema_version {self.schema_version!r} is not supported (this engine reads "
+                     f"{list(SUPPORTED_SCHEMAS)})")
         return p
 
     @property
@@ -122,6 +140,11 @@ class Contract:
     @property
     def cv2_interpolation(self) -> int:
         return INTERPOLATIONS[self.interpolation]
+
+    def decode_kwargs(self) -> dict[str, Any]:
+        """Everything the decode functions need from this contract, e.g. ``decode_file(p, **c.decode_kwargs())``."""
+        return {"image_size": tuple(self.image_size), "interpolation": self.interpolation,
+                "window": dict(self.window), "preprocessing": dict(self.preprocessing)}
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), sort_keys=True)
@@ -143,6 +166,13 @@ class Contract:
         unknown = sorted(set(data) - known)
         if unknown:
             raise ContractError(f"contract has unknown keys {unknown} (written by a newer version?)")
+        if data.get("schema_version", 1) == 1:
+            unknown_v1 = sorted(set(data) & {"preprocessing", "target_sensitivity", "architecture"})
+            if unknown_v1:
+                raise ContractError(f"a schema 1 contract cannot carry {unknown_v1}")
+            data["preprocessing"] = {"method": RESIZE}  # what every schema 1 model was trained on
+        elif "preprocessing" not in data:
+            raise ContractError("a schema 2 contract must say its preprocessing")
         data["image_size"] = tuple(data["image_size"])
         data["class_names"] = tuple(data["class_names"])
         try:

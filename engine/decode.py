@@ -15,6 +15,7 @@ import cv2
 import numpy as np
 
 from .contract import DEFAULT_INTERPOLATION, INTERPOLATIONS, LUNG_WINDOW
+from .preprocess import preprocess
 
 #: Refuse images with more pixels than this, from their header, before decoding
 #: (a decompression bomb is a few KB on disk and gigabytes in memory). A CT slice is
@@ -157,19 +158,24 @@ def decode_frames(
     interpolation: str = DEFAULT_INTERPOLATION,
     *,
     window: dict[str, float] | None = None,
+    preprocessing: dict | None = None,
     max_pixels: int = MAX_PIXELS,
     reduced_jpeg: bool = False,
 ) -> list[tuple[np.ndarray, "Slice | None"]]:
-    """Decode one file's bytes to grey uint8 images of ``image_size`` (height, width).
+    """Decode one file's bytes to the model's inputs: grey uint8 images of ``image_size`` (height, width).
 
-    Raster images give one frame; a DICOM object gives one per frame, each with its
-    non-identifying coordinates (a :class:`engine.dicom.Slice`, else None).
+    :func:`decode_grey_frames` then :func:`resize` on each frame. Raster images give one frame; a
+    DICOM object gives one per frame, each with its non-identifying coordinates (a
+    :class:`engine.dicom.Slice`, else None).
 
     Args:
         data: the whole file's content.
         image_size: (height, width) of the output, from the model's contract.
         interpolation: key of ``contract.INTERPOLATIONS`` (from the contract).
         window: CT window (level, width in HU) for DICOM input, from the contract.
+        preprocessing: the contract's ``preprocessing`` (``engine.preprocess``); None resizes the
+            whole image (schema 1). DICOM goes through the window first, then the same steps, so a
+            DICOM slice and a PNG export of it give nearly the same input.
         max_pixels: images whose header announces more pixels are refused before decoding.
         reduced_jpeg: decode JPEGs at least twice the output size at half scale in libjpeg's DCT
             (``cv2.IMREAD_REDUCED_GRAYSCALE_2``). Measured on 512x512 slices: 0.68 vs 0.78 ms, pixels
@@ -178,6 +184,18 @@ def decode_frames(
 
     Raises:
         DecodeError: with ``code`` one of this module's reason codes.
+    """
+    frames = decode_grey_frames(data, window=window, max_pixels=max_pixels,
+                                reduced_jpeg_for=image_size if reduced_jpeg else None)
+    return [(resize(grey, image_size, interpolation, preprocessing), sl) for grey, sl in frames]
+
+
+def decode_grey_frames(data: bytes, *, window: dict[str, float] | None = None, max_pixels: int = MAX_PIXELS,
+                       reduced_jpeg_for: tuple[int, int] | None = None) -> list[tuple[np.ndarray, "Slice | None"]]:
+    """The first half of :func:`decode_frames`: one file's bytes to grey uint8 frames at their own size.
+
+    Training uses it to augment an image before the contract's preprocessing (``resize``), so that
+    what it trains on and what the engine screens are made by the same two functions.
     """
     if not data:
         raise DecodeError(EMPTY, "file is empty")
@@ -189,8 +207,7 @@ def decode_frames(
         fmt = "dicom"
     if fmt == "dicom":
         from .dicom import decode_dicom
-        slices = decode_dicom(data, window or LUNG_WINDOW, max_pixels)
-        return [(resize(s.image, image_size, interpolation), s) for s in slices]
+        return [(s.image, s) for s in decode_dicom(data, window or LUNG_WINDOW, max_pixels)]
     size = header_size(data, fmt)
     if size is None:
         raise DecodeError(CORRUPT, f"{fmt.upper()} header is unreadable")
@@ -204,7 +221,8 @@ def decode_frames(
     # JPEG: libjpeg converts to grey itself (luma only, no chroma upsampling), which is
     # faster and equals BGR2GRAY; other formats keep depth and alpha for to_grey_uint8.
     flags = cv2.IMREAD_GRAYSCALE if fmt == "jpeg" else cv2.IMREAD_UNCHANGED
-    if reduced_jpeg and fmt == "jpeg" and size[0] >= 2 * image_size[1] and size[1] >= 2 * image_size[0]:
+    small = reduced_jpeg_for
+    if small is not None and fmt == "jpeg" and size[0] >= 2 * small[1] and size[1] >= 2 * small[0]:
         flags = cv2.IMREAD_REDUCED_GRAYSCALE_2
     try:
         img = cv2.imdecode(buf, flags)
@@ -212,28 +230,29 @@ def decode_frames(
         raise DecodeError(CORRUPT, f"OpenCV could not decode the {fmt.upper()} data: {e.err}") from None
     if img is None:
         raise DecodeError(CORRUPT, f"OpenCV could not decode the {fmt.upper()} data")
-    return [(resize(to_grey_uint8(img), image_size, interpolation), None)]
+    return [(to_grey_uint8(img), None)]
 
 
 def decode_and_resize(data: bytes, image_size: tuple[int, int], interpolation: str = DEFAULT_INTERPOLATION, *,
-                      window: dict[str, float] | None = None, max_pixels: int = MAX_PIXELS) -> np.ndarray:
+                      window: dict[str, float] | None = None, preprocessing: dict | None = None,
+                      max_pixels: int = MAX_PIXELS) -> np.ndarray:
     """The single image of a file (see :func:`decode_frames`); a multi-frame DICOM is an error here.
 
     Returns:
         A C-contiguous uint8 array of shape ``image_size``.
     """
-    frames = decode_frames(data, image_size, interpolation, window=window, max_pixels=max_pixels)
+    frames = decode_frames(data, image_size, interpolation, window=window, preprocessing=preprocessing,
+                           max_pixels=max_pixels)
     if len(frames) != 1:
         raise DecodeError(MULTI_FRAME, f"{len(frames)} frames in one file: use decode_frames for every slice")
     return frames[0][0]
 
 
-def resize(grey: np.ndarray, image_size: tuple[int, int], interpolation: str = DEFAULT_INTERPOLATION) -> np.ndarray:
-    """Resize a grey uint8 image to (height, width) with the contract's interpolation."""
-    h, w = image_size
-    if grey.shape == (h, w):
-        return np.ascontiguousarray(grey)
-    return cv2.resize(grey, (w, h), interpolation=INTERPOLATIONS[interpolation])
+def resize(grey: np.ndarray, image_size: tuple[int, int], interpolation: str = DEFAULT_INTERPOLATION,
+           preprocessing: dict | None = None) -> np.ndarray:
+    """A grey uint8 image to the model's input of (height, width): the contract's preprocessing
+    (``engine.preprocess``; None: the whole image resized) with the contract's interpolation."""
+    return preprocess(grey, image_size, INTERPOLATIONS[interpolation], preprocessing)[0]
 
 
 def read_file(path) -> bytes:
@@ -248,12 +267,14 @@ def read_file(path) -> bytes:
         raise DecodeError(UNREADABLE, f"cannot read file: {e.strerror or e}") from None
 
 
-def decode_file(path, image_size, interpolation=DEFAULT_INTERPOLATION, *, window=None, max_pixels=MAX_PIXELS) -> np.ndarray:
-    """``read_file`` then ``decode_and_resize``."""
-    return decode_and_resize(read_file(path), image_size, interpolation, window=window, max_pixels=max_pixels)
+def decode_file(path, image_size, interpolation=DEFAULT_INTERPOLATION, *, window=None, preprocessing=None,
+                max_pixels=MAX_PIXELS) -> np.ndarray:
+    """``read_file`` then ``decode_and_resize``; pass ``**contract.decode_kwargs()`` for a model's input."""
+    return decode_and_resize(read_file(path), image_size, interpolation, window=window, preprocessing=preprocessing,
+                             max_pixels=max_pixels)
 
 
 __all__ = [
-    "DecodeError", "decode_frames", "decode_and_resize", "decode_file", "read_file", "sniff", "header_size", "to_grey_uint8",
+    "DecodeError", "decode_frames", "decode_grey_frames", "decode_and_resize", "decode_file", "read_file", "sniff", "header_size", "to_grey_uint8",
     "resize", "MAX_PIXELS", "SKIP_CODES", "LUNG_WINDOW",
 ]

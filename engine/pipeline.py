@@ -121,7 +121,8 @@ def decode_batch(items: list[tuple[str, int, int, int]], spec: dict) -> dict:
             data = read_file(path)
             t1 = time.perf_counter()
             frames = decode_frames(data, spec["image_size"], spec["interpolation"], window=spec["window"],
-                                   max_pixels=spec["max_pixels"], reduced_jpeg=spec["fast_jpeg"])
+                                   preprocessing=spec["preprocessing"], max_pixels=spec["max_pixels"],
+                                   reduced_jpeg=spec["fast_jpeg"])
             t2 = time.perf_counter()
         except DecodeError as e:
             meta.append({**base, "path": redact(path, e.redact), "status": "skipped" if e.skipped else "error",
@@ -357,8 +358,7 @@ def _run(cfg, contract, model_sha, out, done, run_id, started, t_start) -> RunSu
                  plan["nodes"], plan["cpus"], plan["gpus"], plan["predictors"], plan["inference_threads"],
                  summary.provider, time.monotonic() - t_start)
     decode = ray.remote(decode_batch).options(num_cpus=cfg.decode_cpus, max_retries=3)
-    spec = {"image_size": contract.image_size, "interpolation": contract.interpolation,
-            "window": contract.window, "max_pixels": cfg.max_pixels, "pseudonym_key": cfg.pseudonym_key,
+    spec = {**contract.decode_kwargs(), "max_pixels": cfg.max_pixels, "pseudonym_key": cfg.pseudonym_key,
             "fast_jpeg": cfg.fast_jpeg}
     spec_ref = ray.put(spec)
 

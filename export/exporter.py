@@ -51,8 +51,7 @@ def _load_images(rows: list[dict], split: str, limit: int, contract: Contract) -
         if row["split"] != split or len(images) >= limit:
             continue
         try:
-            images.append(decode_file(row["path"], contract.image_size, contract.interpolation,
-                                      window=contract.window))
+            images.append(decode_file(row["path"], **contract.decode_kwargs()))
         except DecodeError as e:
             log.warning("parity image %s unreadable (%s)", row["path"], e)
     if not images:
@@ -70,7 +69,7 @@ def export(cfg: ExportConfig) -> dict:
     if contract.source_sha256 != actual:
         raise ExportValidationError(f"{run / MODEL_FILE} changed since training (sha256 {actual[:12]} != "
                                     f"contract {contract.source_sha256[:12]}): train again")
-    model = load_trained(run / MODEL_FILE, contract.image_size)
+    model = load_trained(run / MODEL_FILE, contract.image_size, contract.architecture or "seed")
     rows = read_split(run / SPLIT_FILE)
     images = _load_images(rows, "test", PARITY_IMAGES, contract)
     t = time.perf_counter()

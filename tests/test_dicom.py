@@ -82,6 +82,21 @@ def test_enhanced_multiframe_ct_rescales_per_frame():
     assert [sl.frame for _, sl in got] == [0, 1]
 
 
+def write_ct(path: Path, hu: np.ndarray) -> Path:
+    """A CT slice holding ``hu`` (stored as scanners do: uint16 with intercept -1024), on CT_small's header."""
+    ds = pydicom.dcmread(dicom_file("CT_small.dcm"))
+    stored = np.clip(np.rint(hu + 1024), 0, 4095).astype(np.uint16)
+    ds.Rows, ds.Columns = stored.shape
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+    ds.RescaleSlope, ds.RescaleIntercept = 1, -1024
+    for k in ("PixelPaddingValue", "SmallestImagePixelValue", "LargestImagePixelValue"):
+        if k in ds:
+            delattr(ds, k)
+    ds.PixelData = stored.tobytes()
+    ds.save_as(path)
+    return Path(path)
+
+
 def _variant(tmp_path, name="CT_small.dcm", **changes) -> Path:
     ds = pydicom.dcmread(dicom_file(name))
     for k, v in changes.items():

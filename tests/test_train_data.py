@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from train import data as D
-from train.metrics import operating_threshold, roc_auc, screening_metrics, wilson
+from engine.metrics import operating_threshold, roc_auc, screening_metrics, wilson
 
 
 def _folders(tmp_path, *names):

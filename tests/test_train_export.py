@@ -52,8 +52,8 @@ def test_exported_model_carries_contract_and_matches_keras(trained_run):
     assert proto.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "batch"
 
     paths = sorted((trained_run["data"] / "Infected").iterdir())[:10]
-    x = np.stack([decode_file(p, contract.image_size, contract.interpolation) for p in paths])[..., None]
-    keras_p = load_trained(run / "model.keras", contract.image_size).predict(x.astype(np.float32), verbose=0)[:, 0]
+    x = np.stack([decode_file(p, **contract.decode_kwargs()) for p in paths])[..., None]
+    keras_p = load_trained(run / "model.keras", contract.image_size, contract.architecture).predict(x.astype(np.float32), verbose=0)[:, 0]
     sess = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
     onnx_p = sess.run(None, {"image": x})[0][:, 0]
     assert np.abs(onnx_p - keras_p).max() <= 1e-4
@@ -85,7 +85,7 @@ def test_export_validation_failure_is_an_error_not_a_warning(trained_run, monkey
     from train.model import load_trained
 
     contract = read_contract(trained_run["model"])
-    keras_model = load_trained(trained_run["run"] / "model.keras", contract.image_size)
+    keras_model = load_trained(trained_run["run"] / "model.keras", contract.image_size, contract.architecture)
     proto = onnx.load(trained_run["model"])
     for init in proto.graph.initializer:  # perturb the first conv's weights in the ONNX copy only
         if init.dims and len(init.dims) == 4:

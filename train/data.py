@@ -11,81 +11,74 @@ from pathlib import Path
 
 import numpy as np
 
-from engine.decode import DecodeError, decode_and_resize, read_file
+from engine.labels import DataError, resolve_classes  # noqa: F401  (re-exported for train)
+from engine.decode import MULTI_FRAME, DecodeError, decode_grey_frames, read_file, resize
 
 log = logging.getLogger(__name__)
-
-#: Folder names read as the positive class unless --positive says otherwise.
-POSITIVE_WORDS = re.compile(r"^(infected|covid(-?19)?|positive|pos|sars-?cov-?2|abnormal|disease|yes|1)$", re.I)
-NEGATIVE_PREFIX = re.compile(r"^(not|non|no|un)[-_ ]?", re.I)
 
 SPLITS = ("train", "val", "test")
 FRACTIONS = (0.7, 0.1, 0.2)
 
 
-class DataError(ValueError):
-    """The data folder cannot be used for training; the message says how to fix it."""
-
-
-def resolve_classes(data_dir: Path, positive: str | None = None) -> tuple[str, str]:
-    """(negative, positive) class folder names of ``data_dir``.
-
-    The positive class is named by ``positive`` or recognised from its name (Infected,
-    COVID, positive...); it is never taken from sort order.
-    """
-    folders = sorted(p.name for p in Path(data_dir).iterdir() if p.is_dir() and not p.name.startswith("."))
-    if len(folders) != 2:
-        raise DataError(f"{data_dir} must hold exactly two class folders, found {len(folders)}: {folders}")
-    if positive is not None:
-        if positive not in folders:
-            raise DataError(f"--positive {positive!r} is not one of the class folders {folders}")
-        pos = positive
-    else:
-        hits = [f for f in folders if POSITIVE_WORDS.match(f)
-                or (POSITIVE_WORDS.match(NEGATIVE_PREFIX.sub("", f)) and not NEGATIVE_PREFIX.match(f))]
-        if len(hits) != 1:
-            raise DataError(f"cannot tell which class is positive among {folders}: "
-                            f"name it with --positive, e.g. --positive {folders[0]!r}")
-        pos = hits[0]
-    neg = next(f for f in folders if f != pos)
-    return neg, pos
+#: Training images are kept decoded for augmentation, shrunk to this longest side at most: the
+#: model's input is 256 or less, so nothing it can see is lost, and 10,000 slices stay ~2.6 GB.
+RAW_MAX_SIDE = 512
 
 
 @dataclass
 class Dataset:
     paths: list[str]
     labels: np.ndarray          # 0 negative, 1 positive
-    images: np.ndarray          # uint8 (N, H, W, 1)
+    images: np.ndarray          # uint8 (N, H, W, 1): the model's input, made as the engine makes it
     sha256: list[str]
     unreadable: list[tuple[str, str]]  # (path, reason)
+    grey: list[np.ndarray] | None = None  # decoded grey slices at their own size (for augmentation)
+
+
+def _shrink(grey: np.ndarray) -> np.ndarray:
+    h, w = grey.shape
+    s = RAW_MAX_SIDE / max(h, w)
+    if s >= 1:
+        return grey
+    import cv2
+    return cv2.resize(grey, (max(1, round(w * s)), max(1, round(h * s))), interpolation=cv2.INTER_AREA)
 
 
 def load_images(data_dir: Path, classes: tuple[str, str], image_size: tuple[int, int],
-                interpolation: str) -> Dataset:
-    """Decode every file under the class folders with the engine's decode function.
+                interpolation: str, window: dict | None = None, preprocessing: dict | None = None,
+                keep_grey: bool = False) -> Dataset:
+    """Decode every file under the class folders with the engine's decode functions.
 
-    Unreadable files are logged and listed, never fatal.
+    Each image becomes the model's input exactly as covidct-batch makes it (``decode_grey_frames``
+    then ``resize`` with the contract's preprocessing); with ``keep_grey`` the decoded grey slice
+    is kept too, for augmentation before that preprocessing. Unreadable files are logged and
+    listed, never fatal; a multi-frame DICOM is one of them (one image per training file).
     """
-    paths, labels, images, hashes, bad = [], [], [], [], []
+    paths, labels, images, hashes, bad, greys = [], [], [], [], [], []
     for label, name in enumerate(classes):
         for path in sorted(p for p in (Path(data_dir) / name).rglob("*") if p.is_file()):
             try:
                 data = read_file(path)
-                img = decode_and_resize(data, image_size, interpolation)
+                frames = decode_grey_frames(data, window=window)
+                if len(frames) != 1:
+                    raise DecodeError(MULTI_FRAME, f"{len(frames)} frames in one file (one image per training file)")
+                grey = frames[0][0]
+                img = resize(grey, image_size, interpolation, preprocessing)
             except DecodeError as e:
-                reason = f"{e.code}: {e}"
-                bad.append((str(path), reason))
+                bad.append((str(path), f"{e.code}: {e}"))
                 continue
             paths.append(str(path))
             labels.append(label)
             images.append(img)
             hashes.append(hashlib.sha256(data).hexdigest())
+            if keep_grey:
+                greys.append(_shrink(grey))
     if bad:
         log.warning("skipped %d unreadable file(s): %s", len(bad), "; ".join(f"{p} ({r})" for p, r in bad[:20]))
     if not paths:
         raise DataError(f"no readable images under {data_dir}/{{{','.join(classes)}}}")
-    x = np.stack(images)[..., None] if images else np.zeros((0, *image_size, 1), np.uint8)
-    return Dataset(paths, np.asarray(labels, np.int64), x, hashes, bad)
+    x = np.stack(images)[..., None]
+    return Dataset(paths, np.asarray(labels, np.int64), x, hashes, bad, greys if keep_grey else None)
 
 
 def _group_keys(paths: list[str], hashes: list[str], groups: str | None) -> list[int]:

@@ -78,3 +78,60 @@ def make_archive(root: Path, n: int, seed: int = 0, size: tuple[int, int] = (512
         cv2.imwrite(str(p), img, [cv2.IMWRITE_JPEG_QUALITY, quality])
         paths.append(p)
     return paths
+
+
+def phantom_hu(rng: np.random.Generator, positive: bool, size: tuple[int, int] = (512, 512)) -> np.ndarray:
+    """An axial thorax in Hounsfield units (float32): air -1000 outside, soft tissue ~40, fat ~-100
+    under the skin, lungs ~-850 with vessels, and on the positive class ground-glass (~-500)."""
+    h, w = size
+    hu = np.full((h, w), -1000.0, np.float32)
+    cy, cx = h / 2 + rng.normal(0, h * 0.01), w / 2 + rng.normal(0, w * 0.01)
+    body = (int(w * rng.uniform(0.36, 0.42)), int(h * rng.uniform(0.27, 0.32)))
+    cv2.ellipse(hu, (int(cx), int(cy)), body, 0, 0, 360, -100.0, -1)
+    cv2.ellipse(hu, (int(cx), int(cy)), (body[0] - w // 40, body[1] - h // 40), 0, 0, 360, 40.0, -1)
+    lungs = np.zeros((h, w), np.uint8)
+    for side in (-1, 1):
+        centre = (int(cx + side * w * rng.uniform(0.15, 0.17)), int(cy - h * 0.01))
+        axes = (int(w * rng.uniform(0.10, 0.12)), int(h * rng.uniform(0.17, 0.20)))
+        cv2.ellipse(lungs, centre, axes, rng.uniform(-8, 8), 0, 360, 1, -1)
+    hu[lungs > 0] = -850.0
+    cv2.circle(hu, (int(cx), int(cy + body[1] * 0.75)), int(w * 0.03), 700.0, -1)  # a vertebra
+    ys, xs = np.nonzero(lungs)
+    for _ in range(int(rng.integers(25, 45))):
+        k = rng.integers(0, len(ys))
+        cv2.circle(hu, (int(xs[k]), int(ys[k])), int(rng.integers(1, 4)), 40.0, -1)
+    if positive:
+        yy, xx = np.mgrid[0:h, 0:w]
+        for _ in range(int(rng.integers(2, 5))):
+            k = rng.integers(0, len(ys))
+            sigma = rng.uniform(0.03, 0.06) * w
+            blob = np.exp(-((yy - ys[k]) ** 2 + (xx - xs[k]) ** 2) / (2 * sigma ** 2)).astype(np.float32)
+            hu += 380.0 * blob * (lungs > 0)
+    hu += rng.normal(0, 15, hu.shape).astype(np.float32)
+    return hu
+
+
+def render(hu: np.ndarray, level: float, width: float) -> np.ndarray:
+    """HU to grey through a CT window, as a scanner's or a paper's export would."""
+    lo = level - width / 2.0
+    return np.clip(np.rint((hu - lo) * (255.0 / width)), 0, 255).astype(np.uint8)
+
+
+def other_site(grey: np.ndarray, rng: np.random.Generator | None = None, table: bool = True,
+               round_fov: bool = True, pad: float = 1.4) -> np.ndarray:
+    """A slice as another hospital exports it: the whole field of view around the body (``pad``
+    times its size), a table under it, and a round field of view padded with black."""
+    h, w = grey.shape
+    H, W = int(h * pad), int(w * pad)
+    y, x = (H - h) // 2, (W - w) // 2
+    outside = int(np.percentile(np.concatenate([grey[0], grey[-1], grey[:, 0], grey[:, -1]]), 50))
+    canvas = np.full((H, W), outside, np.uint8)
+    canvas[y:y + h, x:x + w] = grey
+    if table:
+        cv2.ellipse(canvas, (W // 2, y + h + int(H * 0.02) + int(W * 0.9)), (int(W * 0.45), int(W * 0.9)), 0, 240, 300,
+                    200, max(2, H // 100))
+    if round_fov:
+        m = np.zeros_like(canvas)
+        cv2.circle(m, (W // 2, H // 2), int(min(H, W) * 0.49), 1, -1)
+        canvas[m == 0] = 0
+    return canvas

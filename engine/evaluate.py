@@ -1,0 +1,188 @@
+"""covidct-evaluate: a hospital's local validation of a model on its own labelled slices.
+
+The labelled folders are screened by the engine itself (``pipeline.run``: the same decoding,
+preprocessing and batching as covidct-batch), so the figures are those screening will give.
+Then: ROC AUC with DeLong's 95% interval, sensitivity and specificity at the model's stored
+threshold with Wilson intervals, the confusion matrix, calibration (expected calibration error
+and a reliability diagram), the ROC curve, and the threshold that would reach the target
+sensitivity on this data. Files that cannot be read are counted and listed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .contract import DISCLAIMER, Contract
+from .labels import resolve_classes
+from .metrics import calibration, confusion, delong_ci, operating_threshold, roc_curve, wilson
+
+log = logging.getLogger(__name__)
+
+EVALUATION_FILE = "evaluation.json"
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    model: Path
+    data_dir: Path
+    out: Path
+    positive: str | None = None
+    target_sensitivity: float | None = None   # None: the model's own target (0.95 when it has none)
+    num_cpus: int | None = None
+    batch_size: int = 32
+    address: str | None = None
+    device: str = "auto"
+    progress: bool = True
+
+
+def _at_threshold(y: np.ndarray, p: np.ndarray, threshold: float) -> dict:
+    c = confusion(y, p, threshold)
+    npos, nneg = c["tp"] + c["fn"], c["tn"] + c["fp"]
+    return {"threshold": float(threshold), "confusion": c,
+            "sensitivity": c["tp"] / npos if npos else float("nan"), "sensitivity_ci95": list(wilson(c["tp"], npos)),
+            "specificity": c["tn"] / nneg if nneg else float("nan"), "specificity_ci95": list(wilson(c["tn"], nneg))}
+
+
+def figures(y: np.ndarray, p: np.ndarray, threshold: float, target_sensitivity: float) -> dict:
+    """Every figure of the evaluation from labels (1 positive) and probabilities."""
+    y = np.asarray(y).astype(np.int64)
+    p = np.asarray(p, dtype=np.float64)
+    auc, lo, hi = delong_ci(y, p)
+    out = {"n": int(len(y)), "positives": int(y.sum()), "negatives": int((1 - y).sum()),
+           "roc_auc": auc, "roc_auc_ci95": [lo, hi], "roc_auc_ci_method": "DeLong",
+           "at_stored_threshold": _at_threshold(y, p, threshold), "calibration": calibration(y, p)}
+    if 0 < y.sum() < len(y):
+        local = operating_threshold(y, p, target_sensitivity)
+        out["threshold_for_target"] = {"target_sensitivity": target_sensitivity, **_at_threshold(y, p, local)}
+    fpr, tpr, thr = roc_curve(y, p)
+    out["roc_curve"] = {"fpr": fpr.tolist(), "tpr": tpr.tolist(),
+                        "thresholds": [None if math.isinf(t) else float(t) for t in thr]}
+    return out
+
+
+def _plots(fig: dict, contract: Contract, out: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    roc = fig["roc_curve"]
+    f, ax = plt.subplots(figsize=(4.8, 4.5))
+    ax.plot(roc["fpr"], roc["tpr"], lw=2, label=f"AUC {fig['roc_auc']:.3f} "
+                                                f"[{fig['roc_auc_ci95'][0]:.3f}, {fig['roc_auc_ci95'][1]:.3f}]")
+    ax.plot([0, 1], [0, 1], ls="--", c="grey", lw=1)
+    at = fig["at_stored_threshold"]
+    ax.plot(1 - at["specificity"], at["sensitivity"], "o", c="C3", label=f"stored threshold {at['threshold']:.3f}")
+    ax.set_xlabel("1 - specificity")
+    ax.set_ylabel("sensitivity")
+    ax.set_title(f"ROC, n={fig['n']} ({contract.positive_class} {fig['positives']})")
+    ax.legend(loc="lower right", fontsize=8)
+    f.tight_layout()
+    f.savefig(out / "roc.png", dpi=100)
+    plt.close(f)
+
+    bins = [b for b in fig["calibration"]["bins"] if b["n"]]
+    f, ax = plt.subplots(figsize=(4.8, 4.5))
+    ax.plot([0, 1], [0, 1], ls="--", c="grey", lw=1, label="perfectly calibrated")
+    ax.plot([b["mean_probability"] for b in bins], [b["positive_fraction"] for b in bins], "o-", label="this data")
+    for b in bins:
+        ax.annotate(str(b["n"]), (b["mean_probability"], b["positive_fraction"]), fontsize=7,
+                    xytext=(3, -9), textcoords="offset points")
+    ax.set_xlabel("mean predicted probability (bin)")
+    ax.set_ylabel(f"fraction {contract.positive_class}")
+    ax.set_title(f"reliability, ECE {fig['calibration']['ece']:.3f}")
+    ax.legend(loc="upper left", fontsize=8)
+    f.tight_layout()
+    f.savefig(out / "reliability.png", dpi=100)
+    plt.close(f)
+
+
+def evaluate(cfg: EvaluateConfig) -> dict:
+    """Screen the labelled folders through the engine and compute the figures; writes ``cfg.out``."""
+    from .pipeline import RunError, ScreenConfig, check_model, run
+
+    contract = check_model(cfg.model)  # a bad model fails before any work
+    classes = resolve_classes(cfg.data_dir, cfg.positive)
+    if set(classes) != set(contract.class_names):
+        log.warning("class folders %s differ from the model's classes %s: %r is read as %r",
+                    list(classes), list(contract.class_names), classes[1], contract.positive_class)
+    folders = [os.path.abspath(Path(cfg.data_dir) / c) for c in classes]
+    out = Path(cfg.out)
+    screen = out / "screen"
+    result = run(ScreenConfig(inputs=tuple(folders), model=cfg.model, out=screen, overwrite=True,
+                              batch_size=cfg.batch_size, num_cpus=cfg.num_cpus, address=cfg.address,
+                              device=cfg.device, progress=cfg.progress))
+    import pyarrow.dataset as pads
+
+    table = pads.dataset(screen / "predictions", format="parquet").to_table(
+        columns=["path", "status", "reason", "message", "probability"])
+    rows = table.to_pylist()
+    labels, probs, unreadable, skipped = [], [], [], []
+    for r in rows:
+        cls = next((k for k, f in enumerate(folders) if r["path"].startswith(f + os.sep)), None)
+        if cls is None:  # cannot happen for paths under the two folders; never guess a label
+            raise RunError(f"row outside the class folders: {r['path']}")
+        if r["status"] == "ok":
+            labels.append(cls)
+            probs.append(r["probability"])
+        elif r["status"] == "error":
+            unreadable.append({"path": r["path"], "class": classes[cls], "reason": r["reason"], "message": r["message"]})
+        else:
+            skipped.append({"path": r["path"], "class": classes[cls], "reason": r["reason"]})
+    y, p = np.asarray(labels), np.asarray(probs, dtype=np.float64)
+    if len(set(labels)) < 2:
+        raise RunError(f"evaluation needs readable images of both classes; got {len(labels)} of "
+                       f"{sorted({classes[k] for k in labels})}")
+    target = cfg.target_sensitivity or contract.target_sensitivity or 0.95
+    fig = figures(y, p, contract.threshold, target)
+    report = {
+        "disclaimer": DISCLAIMER,
+        "model": {"path": str(cfg.model), "sha256": result.run["model"]["sha256"], "threshold": contract.threshold,
+                  "training_metrics": contract.metrics},
+        "data_dir": str(cfg.data_dir), "classes": {"negative": classes[0], "positive": classes[1]},
+        "files": {"ok": len(labels), "unreadable": len(unreadable), "skipped": len(skipped)},
+        "unreadable": unreadable, "skipped": skipped, **fig,
+        "screen": {"run_id": result.run["run_id"], "images_per_s": result.run["images_per_s"],
+                   "provider": result.run["execution_providers"]},
+    }
+    tmp = out / (EVALUATION_FILE + ".tmp")
+    tmp.write_text(json.dumps(report, indent=2))
+    os.replace(tmp, out / EVALUATION_FILE)
+    _plots(fig, contract, out)
+    return report
+
+
+def _ci(v) -> str:
+    return f"[{v[0]:.3f}, {v[1]:.3f}]"
+
+
+def format_report(r: dict, out: Path) -> str:
+    at = r["at_stored_threshold"]
+    c = at["confusion"]
+    lines = ["", f"covidct-evaluate: {r['n']} slices ({r['classes']['positive']} {r['positives']}, "
+                 f"{r['classes']['negative']} {r['negatives']})",
+             f"  ROC AUC {r['roc_auc']:.3f} {_ci(r['roc_auc_ci95'])} (95%, DeLong)",
+             f"  at the stored threshold {at['threshold']:.4f}: sensitivity {at['sensitivity']:.3f} "
+             f"{_ci(at['sensitivity_ci95'])}, specificity {at['specificity']:.3f} {_ci(at['specificity_ci95'])} (Wilson)",
+             f"  confusion: TP {c['tp']}  FN {c['fn']}  TN {c['tn']}  FP {c['fp']}",
+             f"  calibration: expected calibration error {r['calibration']['ece']:.3f} (10 bins)"]
+    t = r.get("threshold_for_target")
+    if t:
+        lines.append(f"  on this data, threshold {t['threshold']:.4f} reaches sensitivity {t['sensitivity']:.3f} "
+                     f"(target {t['target_sensitivity']}) with specificity {t['specificity']:.3f} "
+                     f"{_ci(t['specificity_ci95'])}")
+    f = r["files"]
+    lines.append(f"  files: {f['ok']} ok, {f['unreadable']} unreadable, {f['skipped']} skipped")
+    for u in r["unreadable"][:10]:
+        lines.append(f"    unreadable: {u['path']} ({u['reason']})")
+    if len(r["unreadable"]) > 10:
+        lines.append(f"    ... {len(r['unreadable']) - 10} more in {EVALUATION_FILE}")
+    lines.append(f"  written: {out / EVALUATION_FILE}, {out / 'roc.png'}, {out / 'reliability.png'}")
+    lines.append(DISCLAIMER)
+    return "\n".join(lines)

@@ -1,0 +1,57 @@
+"""Command line of covidct-evaluate: parses options, builds an EvaluateConfig, calls evaluate()."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from .logs import setup_logging
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("model", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("data_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Folder for evaluation.json, roc.png, reliability.png and the screening rows "
+                   "(default: ./evaluation-<DATA_DIR name>).")
+@click.option("--positive", default=None, help="Name of the positive class folder (default: recognised by name).")
+@click.option("--target-sensitivity", type=click.FloatRange(0, 1, min_open=True), default=None,
+              help="Sensitivity for the suggested local threshold (default: the model's own target).")
+@click.option("--batch-size", type=click.IntRange(1, 4096), default=32, show_default=True)
+@click.option("--num-cpus", type=click.IntRange(1), default=None, help="CPUs of the local Ray runtime (all cores).")
+@click.option("--address", default=None, help="Join this Ray cluster instead of a local runtime.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--no-progress", is_flag=True, help="No progress line on stderr.")
+@click.option("-v", "--verbose", is_flag=True)
+def main(model, data_dir, out, positive, target_sensitivity, batch_size, num_cpus, address, device, no_progress,
+         verbose):
+    """Check MODEL on labelled slices in DATA_DIR (one sub-folder per class, as for covidct-train).
+
+    Exit codes: 0 evaluated; 1 evaluated, some files unreadable (listed); 2 nothing evaluated
+    (bad model, bad folders, one class only).
+    """
+    setup_logging(verbose)
+    from .evaluate import EvaluateConfig, evaluate, format_report
+    from .labels import DataError
+    from .pipeline import EXIT_BAD_RUN, EXIT_INTERRUPTED, RunError
+
+    out = out or Path(f"evaluation-{Path(data_dir).resolve().name}")
+    try:
+        report = evaluate(EvaluateConfig(model=model, data_dir=data_dir, out=out, positive=positive,
+                                         target_sensitivity=target_sensitivity, batch_size=batch_size,
+                                         num_cpus=num_cpus, address=address, device=device,
+                                         progress=not no_progress))
+    except (RunError, DataError) as e:
+        click.echo(f"covidct-evaluate: error: {e}", err=True)
+        sys.exit(EXIT_BAD_RUN)
+    except KeyboardInterrupt:
+        click.echo("covidct-evaluate: interrupted", err=True)
+        sys.exit(EXIT_INTERRUPTED)
+    click.echo(format_report(report, out))
+    sys.exit(1 if report["files"]["unreadable"] else 0)
+
+
+if __name__ == "__main__":
+    main()

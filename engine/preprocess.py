@@ -1,0 +1,261 @@
+"""Site-invariant preprocessing: frame the lungs and set intensities from the image's own anatomy.
+
+The same lungs reach a hospital in many forms: a lung window or a wide one, cropped to the
+thorax or showing the whole field of view with the table, a round field of view padded with
+black, white paper margins, letters around the body. A model trained at one site learns that
+site's form unless its input removes it. ``lung-crop`` does, in the one decode function, so
+training and screening agree:
+
+1. On a small working copy (``work_size`` on the longest side), constant padding connected to
+   the border (black round fields of view, white margins) is set aside.
+2. Otsu's threshold splits dark (air, lung) from tissue; the body is the convex hull of every
+   substantial tissue component. A hull, not hole filling, so a crop that cuts the chest wall
+   still encloses the lungs. Letters and thin table edges are too small to count.
+3. The lung fields are the substantial dark components inside the body; the output frames
+   their bounding box (plus ``margin``, so pleural consolidation stays in), and everything
+   outside the body is set to ``outside``.
+4. Intensities are mapped linearly so that the aerated lung (``dark_percentile`` of the lung
+   pixels) lands on ``dark_to`` and soft tissue (median of the body's tissue pixels) on
+   ``tissue_to``: any linear CT window becomes the same one.
+
+Every step has a fallback (no body found: the whole frame; no lungs found: the body) so that a
+strange image still becomes an input and never an error. Measured cost: see README
+("Preprocessing"). The parameters travel in the model's contract (``Contract.preprocessing``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+
+#: Methods a contract may name. "resize" is schema 1's: the whole image, resized.
+RESIZE = "resize"
+LUNG_CROP = "lung-crop"
+METHODS = (RESIZE, LUNG_CROP)
+
+#: Parameters of lung-crop and their defaults (written into every new contract).
+LUNG_CROP_DEFAULTS = {
+    "work_size": 128,        # longest side of the working copy the masks are found on
+    "margin": 0.06,          # added around the lungs' box, as a fraction of its size
+    "dark_percentile": 25.0,  # of the lung pixels: the aerated lung anchor
+    "dark_to": 30,           # grey level the aerated lung maps to
+    "tissue_to": 200,        # grey level soft tissue maps to
+    "outside": 0,            # grey level outside the body
+}
+
+
+@dataclass
+class Framing:
+    """What preprocessing found: cheap statistics of the image, for reports and shift checks."""
+
+    height: int                 # size before resizing
+    width: int
+    body_fraction: float        # share of the frame the body fills (0 when none was found)
+    lung_fraction: float        # share of the body the lung fields fill
+    dark_anchor: float          # grey level of the aerated lung before mapping
+    tissue_anchor: float        # grey level of soft tissue before mapping
+    fallback: str | None        # "no_body" / "no_lungs" when a step fell back
+
+
+def default_spec() -> dict:
+    return {"method": LUNG_CROP, **LUNG_CROP_DEFAULTS}
+
+
+def spec_problems(spec: dict) -> list[str]:
+    """Every way a contract's ``preprocessing`` entry is invalid (empty when valid)."""
+    if not isinstance(spec, dict) or spec.get("method") not in METHODS:
+        return [f"preprocessing.method must be one of {list(METHODS)}, e.g. {default_spec()}; got {spec!r}"]
+    if spec["method"] == RESIZE:
+        extra = sorted(set(spec) - {"method"})
+        return [f"preprocessing 'resize' takes no parameters; got {extra}"] if extra else []
+    p = []
+    unknown = sorted(set(spec) - {"method"} - set(LUNG_CROP_DEFAULTS))
+    if unknown:
+        p.append(f"preprocessing has unknown parameters {unknown} (written by a newer version?)")
+    missing = sorted(set(LUNG_CROP_DEFAULTS) - set(spec))
+    if missing:
+        p.append(f"preprocessing lacks parameters {missing}")
+    if p:
+        return p
+    if not (isinstance(spec["work_size"], int) and 32 <= spec["work_size"] <= 1024):
+        p.append(f"preprocessing.work_size must be an integer in 32..1024; got {spec['work_size']!r}")
+    if not 0 <= float(spec["margin"]) <= 0.5:
+        p.append(f"preprocessing.margin must be in [0, 0.5]; got {spec['margin']!r}")
+    if not 0 <= float(spec["dark_percentile"]) <= 100:
+        p.append(f"preprocessing.dark_percentile must be in [0, 100]; got {spec['dark_percentile']!r}")
+    if not 0 <= spec["dark_to"] < spec["tissue_to"] <= 255:
+        p.append(f"preprocessing needs 0 <= dark_to < tissue_to <= 255; got {spec['dark_to']}, {spec['tissue_to']}")
+    if not 0 <= spec["outside"] <= 255:
+        p.append(f"preprocessing.outside must be a grey level; got {spec['outside']!r}")
+    return p
+
+
+def _shrink(grey: np.ndarray, work: int) -> tuple[np.ndarray, int]:
+    """Integer-factor area reduction (OpenCV's fast path) to at most ``work`` on the longest side."""
+    h, w = grey.shape
+    f = max(1, math.ceil(max(h, w) / work))
+    if f == 1:
+        return grey, 1
+    hh, ww = h // f, w // f
+    if hh < 2 or ww < 2:
+        return grey, 1
+    return cv2.resize(grey[:hh * f, :ww * f], (ww, hh), interpolation=cv2.INTER_AREA), f
+
+
+def _percentile(values: np.ndarray, q: float) -> float:
+    """The q-th percentile (lower value) of uint8 values, from their histogram: no sort."""
+    cdf = np.cumsum(np.bincount(values, minlength=256))
+    return float(np.searchsorted(cdf, q / 100.0 * (cdf[-1] - 1), side="right"))
+
+
+def _otsu(values: np.ndarray) -> float:
+    t, _ = cv2.threshold(values.reshape(-1, 1), 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
+    return float(t)
+
+
+def _padding(small: np.ndarray) -> np.ndarray:
+    """Boolean mask of constant padding connected to the border.
+
+    Black padding (round fields of view, letterboxes) is padding wherever it touches the border.
+    White is padding only when it frames all four sides (a figure's margin): a tight crop's
+    saturated chest wall also touches the border in white, and is anatomy.
+    """
+    h, w = small.shape
+    sides = (small[0], small[-1], small[:, 0], small[:, -1])
+    counts = np.bincount(np.concatenate(sides), minlength=256)
+    mode = int(np.argmax(counts))
+    dark = mode <= 10 and counts[mode] >= 0.25 * sum(len(s) for s in sides)
+    framed = mode >= 245 and all(np.mean(np.abs(s.astype(np.int16) - mode) <= 3) >= 0.9 for s in sides)
+    if not (dark or framed):
+        return np.zeros(small.shape, bool)
+    ff = np.zeros((h + 2, w + 2), np.uint8)
+    seeds = [(0, 0), (0, w - 1), (h - 1, 0), (h - 1, w - 1), (0, w // 2), (h - 1, w // 2), (h // 2, 0), (h // 2, w - 1)]
+    for y, x in seeds:
+        if abs(int(small[y, x]) - mode) <= 3 and not ff[y + 1, x + 1]:
+            cv2.floodFill(small, ff, (x, y), 0, loDiff=3, upDiff=3, flags=4 | cv2.FLOODFILL_MASK_ONLY | (1 << 8))
+    return ff[1:-1, 1:-1].astype(bool)
+
+
+def _substantial(mask: np.ndarray, rel: float, floor: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(selected-pixel mask, stats, ids) of components at least ``rel`` of the largest and ``floor`` pixels."""
+    n, lab, stats, _ = cv2.connectedComponentsWithStats(mask, connectivity=8)
+    if n < 2:
+        return np.zeros(mask.shape, np.uint8), stats, np.zeros(0, np.int64)
+    areas = stats[1:, cv2.CC_STAT_AREA]
+    keep = 1 + np.nonzero(areas >= max(rel * areas.max(), floor))[0]
+    select = np.zeros(n, np.uint8)
+    select[keep] = 1
+    return select[lab], stats, keep
+
+
+_OPEN = np.ones((3, 3), np.uint8)
+
+
+def _body(small: np.ndarray, valid: np.ndarray, t: float) -> np.ndarray | None:
+    """Convex hull of the substantial tissue components above ``t``; None when implausibly small."""
+    tissue = cv2.morphologyEx(((small > t) & valid).astype(np.uint8), cv2.MORPH_OPEN, _OPEN)
+    chosen, _, keep = _substantial(tissue, 0.1, 1)
+    if not len(keep):
+        return None
+    contours, _ = cv2.findContours(chosen, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+    body = np.zeros(small.shape, np.uint8)
+    cv2.fillConvexPoly(body, cv2.convexHull(np.concatenate(contours)), 1)
+    body &= valid.view(np.uint8)
+    return body if body.sum() >= 0.2 * valid.sum() else None
+
+
+def find_body_and_lungs(small: np.ndarray):
+    """(body mask uint8 0/1 or None, lung box (y0, y1, x0, x1) or None, tissue threshold, lung values)."""
+    valid = ~_padding(small)
+    if valid.sum() < 0.05 * small.size:
+        return None, None, None, None
+    t = _otsu(small[valid])
+    body = _body(small, valid, t)
+    if body is None:
+        # Three classes (black lungs, grey tissue, bright contrast or bone under a soft-tissue
+        # window): the first split isolated the brightest. Split the darker part once more.
+        darker = small[valid & (small <= t)]
+        if darker.size:
+            t = _otsu(darker)
+            body = _body(small, valid, t)
+        if body is None:
+            return None, None, t, None
+    nbody = int(body.sum())
+    dark = cv2.morphologyEx(((small <= t) & (body > 0)).astype(np.uint8), cv2.MORPH_OPEN, _OPEN)
+    chosen, stats, keep = _substantial(dark, 0.15, max(1, int(0.01 * nbody)))
+    if len(keep) > 3:  # the three largest: two lungs, or lungs split by a fissure or a lesion
+        keep = keep[np.argsort(-stats[keep, cv2.CC_STAT_AREA])][:3]
+        select = np.zeros(len(stats), np.uint8)
+        select[keep] = 1
+        chosen = select[cv2.connectedComponentsWithStats(dark, connectivity=8)[1]]
+    if not len(keep) or stats[keep, cv2.CC_STAT_AREA].sum() < 0.05 * nbody:
+        return body, None, t, None
+    x0, y0 = stats[keep, 0].min(), stats[keep, 1].min()
+    x1 = (stats[keep, 0] + stats[keep, 2]).max()
+    y1 = (stats[keep, 1] + stats[keep, 3]).max()
+    return body, (int(y0), int(y1), int(x0), int(x1)), t, small[chosen > 0]
+
+
+def lung_crop(grey: np.ndarray, image_size: tuple[int, int], interpolation: int, spec: dict
+              ) -> tuple[np.ndarray, Framing]:
+    """Frame the lungs and normalise intensities (see the module docstring); returns (image, framing)."""
+    h, w = grey.shape
+    out_h, out_w = image_size
+    small, f = _shrink(grey, int(spec["work_size"]))
+    body, box, t, lung_values = find_body_and_lungs(small)
+    sh, sw = small.shape
+    if body is None:  # no body: the whole frame, a percentile stretch
+        lo, hi = _percentile(small.ravel(), 2), _percentile(small.ravel(), 98)
+        y0, y1, x0, x1, fallback = 0, sh, 0, sw, "no_body"
+        body_fraction = lung_fraction = 0.0
+    else:
+        nbody = int(body.sum())
+        body_vals = small[body > 0]
+        bright = body_vals[body_vals > t]
+        hi = _percentile(bright, 50) if bright.size else 255.0
+        body_fraction = nbody / small.size
+        if box is None:
+            ys, xs = np.nonzero(body)
+            y0, y1, x0, x1 = int(ys.min()), int(ys.max()) + 1, int(xs.min()), int(xs.max()) + 1
+            lo, fallback, lung_fraction = _percentile(body_vals, 2), "no_lungs", 0.0
+        else:
+            y0, y1, x0, x1 = box
+            my, mx = round(spec["margin"] * (y1 - y0)), round(spec["margin"] * (x1 - x0))
+            y0, y1, x0, x1 = max(0, y0 - my), min(sh, y1 + my), max(0, x0 - mx), min(sw, x1 + mx)
+            lo, fallback = _percentile(lung_values, spec["dark_percentile"]), None
+            lung_fraction = lung_values.size / nbody
+    hi = max(hi, lo + 16.0)  # a flat image must not blow noise up
+    # Anchors map aerated lung and tissue; with no body there are no anchors: stretch p2..p98.
+    d_to, t_to = (0.0, 255.0) if body is None else (float(spec["dark_to"]), float(spec["tissue_to"]))
+    lut = np.clip((np.arange(256, dtype=np.float32) - lo) * ((t_to - d_to) / (hi - lo)) + d_to, 0, 255)
+    lut = np.rint(lut).astype(np.uint8)
+    # Crop the full-resolution image on the working copy's box, resize, then map intensities:
+    # the LUT runs on the small output rather than the large crop.
+    Y0, Y1, X0, X1 = y0 * f, min(h, y1 * f), x0 * f, min(w, x1 * f)
+    if (Y0, Y1, X0, X1) == (0, h, 0, w) and grey.shape == (out_h, out_w):
+        out = grey.copy()
+    else:
+        out = cv2.resize(grey[Y0:Y1, X0:X1], (out_w, out_h), interpolation=interpolation)
+    out = cv2.LUT(out, lut)
+    if body is not None:
+        m = cv2.resize(body[y0:y1, x0:x1], (out_w, out_h), interpolation=cv2.INTER_NEAREST)
+        out[m == 0] = int(spec["outside"])
+    return out, Framing(h, w, round(body_fraction, 4), round(lung_fraction, 4), round(lo, 2), round(hi, 2), fallback)
+
+
+def preprocess(grey: np.ndarray, image_size: tuple[int, int], interpolation: int, spec: dict | None
+               ) -> tuple[np.ndarray, Framing | None]:
+    """One grey uint8 image to the model's input of ``image_size`` by the contract's method."""
+    if spec is None or spec.get("method") == RESIZE:
+        h, w = image_size
+        if grey.shape == (h, w):
+            return np.ascontiguousarray(grey), None
+        return cv2.resize(grey, (w, h), interpolation=interpolation), None
+    return lung_crop(grey, image_size, interpolation, spec)
+
+
+__all__ = ["preprocess", "lung_crop", "Framing", "default_spec", "spec_problems", "METHODS", "RESIZE", "LUNG_CROP",
+           "LUNG_CROP_DEFAULTS"]

@@ -1,0 +1,117 @@
+"""The contract's site-invariant preprocessing keeps its promises; older models keep theirs."""
+
+import json
+
+import cv2
+import numpy as np
+import pytest
+
+from engine.contract import Contract, ContractError
+from engine.decode import decode_and_resize, decode_frames
+from engine.preprocess import LUNG_CROP_DEFAULTS, default_spec, lung_crop, preprocess
+from train.synthetic import other_site, phantom_hu, render
+
+SIZE = (128, 128)
+SPEC = default_spec()
+
+
+def _inputs(images):
+    lung = [lung_crop(g, SIZE, cv2.INTER_AREA, SPEC)[0].astype(np.int16) for g in images]
+    plain = [cv2.resize(g, SIZE[::-1], interpolation=cv2.INTER_AREA).astype(np.int16) for g in images]
+    return lung, plain
+
+
+def _tight(grey, hu):
+    ys, xs = np.nonzero(hu > -500)  # the body's box: a thorax crop as the training set has it
+    return grey[ys.min():ys.max() + 1, xs.min():xs.max() + 1]
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_two_windows_give_nearly_the_same_input(seed):
+    hu = phantom_hu(np.random.default_rng(seed), positive=bool(seed % 2))
+    lung_window, wide_window = render(hu, -600, 1500), render(hu, -300, 2400)  # air+lungs mid grey in the wide one
+    (a, b), (pa, pb) = _inputs([_tight(lung_window, hu), _tight(wide_window, hu)])
+    ours, plain = float(np.abs(a - b).mean()), float(np.abs(pa - pb).mean())
+    assert ours < 6, ours
+    assert plain > 25, plain  # without it the two renderings are far apart: the test can fail
+
+
+@pytest.mark.parametrize("seed", [3, 4])
+def test_cropped_and_padded_with_table_and_round_fov_give_nearly_the_same_input(seed):
+    hu = phantom_hu(np.random.default_rng(seed), positive=True)
+    tight = _tight(render(hu, -600, 1500), hu)
+    far = other_site(tight, table=True, round_fov=True, pad=1.5)
+    (a, b), (pa, pb) = _inputs([tight, far])
+    ours, plain = float(np.abs(a - b).mean()), float(np.abs(pa - pb).mean())
+    assert ours < 12, ours
+    assert plain > 25, plain
+    # the lungs sit in the same place: their dark pixels overlap
+    dark_a, dark_b = a < 60, b < 60
+    assert (dark_a & dark_b).sum() / max(1, (dark_a | dark_b).sum()) > 0.8
+
+
+def test_dicom_window_and_png_export_of_the_same_slice_agree(tmp_path):
+    """DICOM goes through the contract's HU window, then the same preprocessing as a PNG."""
+    pydicom = pytest.importorskip("pydicom")
+    from tests.test_dicom import write_ct  # noqa: F401 (a DICOM writer shared with the DICOM tests)
+
+    hu = phantom_hu(np.random.default_rng(5), positive=True)
+    path = write_ct(tmp_path / "slice.dcm", hu)
+    ok, png = cv2.imencode(".png", render(hu, -600, 1500))
+    spec = {"window": {"level": -600.0, "width": 1500.0}, "preprocessing": SPEC}
+    (d, _), = decode_frames(path.read_bytes(), SIZE, **spec)
+    (p, _), = decode_frames(png.tobytes(), SIZE, **spec)
+    assert np.abs(d.astype(int) - p).mean() < 1.0
+
+
+def test_preprocessing_never_fails_on_strange_images():
+    rng = np.random.default_rng(0)
+    for g in (np.zeros((50, 70), np.uint8), np.full((300, 200), 255, np.uint8),
+              rng.integers(0, 256, (256, 256), dtype=np.uint8), np.zeros((3, 3), np.uint8),
+              np.tile(np.arange(256, dtype=np.uint8), (40, 1))):
+        out, framing = lung_crop(g, SIZE, cv2.INTER_AREA, SPEC)
+        assert out.shape == SIZE and out.dtype == np.uint8
+        assert framing.fallback in (None, "no_body", "no_lungs")
+
+
+def test_schema_1_contract_reads_as_resize_and_decodes_exactly_as_before():
+    v1 = {"image_size": [64, 64], "class_names": ["neg", "pos"], "positive_class": "pos", "threshold": 0.5,
+          "channels": 1, "interpolation": "area", "precision": "fp32", "input_name": "image",
+          "output_name": "probability", "input_dtype": "uint8", "layout": "NHWC",
+          "window": {"level": -600.0, "width": 1500.0}, "metrics": {}, "source_sha256": "", "project_version": "0.1.0",
+          "schema_version": 1}
+    c = Contract.from_json(json.dumps(v1))
+    assert c.preprocessing == {"method": "resize"} and c.target_sensitivity is None
+    grey = np.random.default_rng(0).integers(0, 256, (200, 150), dtype=np.uint8)
+    ok, png = cv2.imencode(".png", grey)
+    before = cv2.resize(grey, (64, 64), interpolation=cv2.INTER_AREA)  # what schema 1 decoding did
+    assert np.array_equal(decode_and_resize(png.tobytes(), **c.decode_kwargs()), before)
+    with pytest.raises(ContractError, match="schema 1 contract cannot carry"):
+        Contract.from_json(json.dumps({**v1, "preprocessing": SPEC}))
+
+
+def test_schema_2_contract_round_trip_and_bad_preprocessing_named():
+    c = Contract(image_size=(96, 96), class_names=("a", "b"), positive_class="b", threshold=0.4,
+                 target_sensitivity=0.95, architecture="compact")
+    assert c.schema_version == 2 and c.preprocessing == SPEC
+    assert Contract.from_json(c.to_json()) == c
+    for bad, words in [({"method": "magic"}, "preprocessing.method"),
+                       ({**SPEC, "dark_to": 250}, "dark_to < tissue_to"),
+                       ({**SPEC, "warp": 1}, "unknown parameters"),
+                       ({k: v for k, v in SPEC.items() if k != "margin"}, "lacks parameters")]:
+        with pytest.raises(ContractError, match=words):
+            Contract(image_size=(96, 96), class_names=("a", "b"), positive_class="b", threshold=0.4, preprocessing=bad)
+    data = json.loads(c.to_json())
+    del data["preprocessing"]
+    with pytest.raises(ContractError, match="must say its preprocessing"):
+        Contract.from_json(json.dumps(data))
+
+
+def test_resize_method_is_plain_resize():
+    grey = np.random.default_rng(1).integers(0, 256, (90, 120), dtype=np.uint8)
+    out, framing = preprocess(grey, (32, 48), cv2.INTER_LINEAR, {"method": "resize"})
+    assert framing is None and np.array_equal(out, cv2.resize(grey, (48, 32), interpolation=cv2.INTER_LINEAR))
+
+
+def test_defaults_are_the_contracts_parameters():
+    assert set(SPEC) == {"method", *LUNG_CROP_DEFAULTS}
