@@ -31,6 +31,16 @@ RESULTS = Path(__file__).resolve().parent / "results"
 BIN = Path(sys.executable).parent
 
 
+def best_of(fn, repeats: int = 30) -> float:
+    """Seconds of the fastest of ``repeats`` calls of ``fn``: the least disturbed by a shared machine."""
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
 def session_pids(sid: int) -> list[int]:
     """Processes whose session id is ``sid`` (field 6 of /proc/PID/stat): a run and all it started."""
     pids = []
@@ -131,6 +141,19 @@ def make_archive(root: Path, n: int, size=(512, 512)) -> Path:
     return root
 
 
+#: CPU instruction sets that decide which kernels run fast (FP32 FMA, INT8 VNNI, BF16, AMX).
+CPU_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
+
+
+def cpu_flags() -> list[str]:
+    """The flags of CPU_FLAGS this machine has (from /proc/cpuinfo): named beside every figure."""
+    try:
+        have = set(next(line for line in open("/proc/cpuinfo") if line.startswith("flags")).split(":", 1)[1].split())
+    except (OSError, StopIteration):
+        return []
+    return [f for f in CPU_FLAGS if f in have]
+
+
 def machine() -> dict:
     import cv2
     import onnxruntime
@@ -143,7 +166,7 @@ def machine() -> dict:
                              text=True, timeout=10).stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         pass
-    return {"cores": os.cpu_count(), "cpu": cpu, "gpu": gpu, "python": platform.python_version(),
+    return {"cores": os.cpu_count(), "cpu": cpu, "cpu_flags": cpu_flags(), "gpu": gpu, "python": platform.python_version(),
             "onnxruntime": onnxruntime.__version__, "ray": ray.__version__, "opencv": cv2.__version__,
             "numpy": np.__version__, "host_kind": platform.machine()}
 

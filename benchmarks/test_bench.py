@@ -18,18 +18,10 @@ import numpy as np
 import pytest
 
 from engine.decode import decode_and_resize, decode_file
+from benchmarks.compare import best_of
 from export.tiny import tiny_model
 
 SIZE = (256, 256)
-
-
-def _best(fn, repeats=30) -> float:
-    best = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t)
-    return best
 
 
 @pytest.fixture(scope="module")
@@ -44,9 +36,9 @@ def test_decode_resize(benchmark, jpeg512):
     out = benchmark(decode_and_resize, jpeg512, SIZE)
     assert out.shape == SIZE
     # our checks (format sniffing, header size, end marker) cost little beside OpenCV's own work
-    raw = _best(lambda: cv2.resize(cv2.imdecode(np.frombuffer(jpeg512, np.uint8), cv2.IMREAD_GRAYSCALE), SIZE,
+    raw = best_of(lambda: cv2.resize(cv2.imdecode(np.frombuffer(jpeg512, np.uint8), cv2.IMREAD_GRAYSCALE), SIZE,
                                    interpolation=cv2.INTER_AREA))
-    ours = _best(lambda: decode_and_resize(jpeg512, SIZE))
+    ours = best_of(lambda: decode_and_resize(jpeg512, SIZE))
     assert ours <= 1.5 * raw, (ours, raw)
 
 
@@ -58,8 +50,8 @@ def test_predictor_batch(benchmark, tmp_path):
     benchmark.extra_info.update(batch_size=32, provider=p.provider, image_size=list(SIZE))
     probs, _ = benchmark(p.predict, x)
     assert probs.shape == (32,)
-    batched = _best(lambda: p.predict(x), 10) / 32
-    single = _best(lambda: [p.predict(x[i:i + 1]) for i in range(32)], 10) / 32
+    batched = best_of(lambda: p.predict(x), 10) / 32
+    single = best_of(lambda: [p.predict(x[i:i + 1]) for i in range(32)], 10) / 32
     assert batched <= single, (batched, single)  # batching amortises the per-call overhead
 
 
@@ -90,3 +82,26 @@ def test_small_end_to_end(benchmark, tmp_path):
     loop_rate = len(paths) / (time.perf_counter() - t)
     # with a model this cheap, Ray's per-batch hand-offs dominate: stay within an order of magnitude
     assert run["steady_images_per_s"] >= 0.1 * loop_rate, (run["steady_images_per_s"], loop_rate)
+
+
+def test_default_model_costs_no_more_than_the_seeds_cnn(benchmark):
+    """Model-quality issue: the default (compact, 192x192) must cost no more per image than the seeds'
+    CNN (256x256) in ONNX Runtime. Both are timed here, one thread, batch 32."""
+    from benchmarks.model_cost import model_costs
+
+    rows = benchmark.pedantic(model_costs, kwargs={"repeats": 3}, rounds=1, iterations=1)
+    seed, compact = (next(r for r in rows if r["arch"] == a) for a in ("seed", "compact"))
+    benchmark.extra_info.update(seed_ms=seed["ms_per_image_1_thread"], compact_ms=compact["ms_per_image_1_thread"])
+    assert compact["ms_per_image_1_thread"] <= seed["ms_per_image_1_thread"], rows  # measured 0.36-0.46x
+    assert compact["parameters"] < seed["parameters"] / 10
+
+
+def test_lung_crop_and_shift_statistics_cost_little_beside_decoding(benchmark):
+    """lung-crop's added cost and the shift statistics, against decoding the same slices in the same run."""
+    from benchmarks.model_cost import preprocessing_cost
+
+    r = benchmark.pedantic(preprocessing_cost, kwargs={"limit": 60, "rounds": 3}, rounds=1, iterations=1)
+    ms = r["ms_per_image_one_core"]
+    benchmark.extra_info.update(**ms, added_ms=r["added_by_lung_crop_ms"], shift_stats_ms=r["shift_stats_ms"])
+    assert r["added_by_lung_crop_ms"] <= 0.75 * ms["decode"], r  # measured 0.33-0.39x on real slices
+    assert r["shift_stats_ms"] <= 0.02 * (ms["decode"] + ms["lung_crop"]), r  # the issue's 2% (model excluded)

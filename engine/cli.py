@@ -99,13 +99,30 @@ def format_summary(run: dict, out: Path) -> str:
     lines.append(f"  provider {', '.join(run['execution_providers'])}; model sha256 {run['model']['sha256'][:12]}")
     if run.get("studies", {}).get("studies"):
         st = run["studies"]
-        lines.append(f"  studies: {st['flagged']} flagged of {st['studies']} ({st['rule']})")
+        lines.append(f"  studies: {st['flagged']} flagged of {st['studies']} ({st['rule']})"
+                     + (f"; {st['shifted']} shifted" if st.get("shifted") else ""))
+    lines.extend(shift_lines(run.get("shift")))
+    cal = run["model"]["contract"].get("calibration")
+    if cal:
+        lines.append(f"  threshold {run['model']['contract']['threshold']:.4f} calibrated on {cal['data']['n']} local "
+                     f"slices on {cal['date']} (was {cal['previous_threshold']:.4f})")
     lines.extend(study_table(Path(out)))
     lines.append(f"  predictions: {Path(out) / 'predictions'}/part-*.parquet; run record: {Path(out) / 'run.json'}")
     lines.append(f"  studies: {Path(out) / 'studies.parquet'}; report: {Path(out) / 'report.html'}")
     lines.append(f"  exit code {run['exit_code']}")
     lines.append(DISCLAIMER)
     return "\n".join(lines)
+
+
+def shift_lines(shift: dict | None) -> list[str]:
+    """The shift alarm's verdict for the summary (details in run.json and report.html)."""
+    if not shift:
+        return []
+    line = f"  SHIFT ALARM: {shift['verdict']}"
+    if shift.get("score") is not None:
+        line += f" (score {shift['score']:.3f} over {shift['slices']} slices"
+        line += f"; shifted: {', '.join(shift['shifted_stats'])})" if shift.get("shifted_stats") else ")"
+    return [line]
 
 
 def study_table(out: Path, limit: int = 15) -> list[str]:

@@ -9,17 +9,21 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import tempfile
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import cv2
 
 from .preprocess import RESIZE, default_spec, spec_problems
+from .shift import reference_problems
 
 #: Key under which the contract JSON is stored in the ONNX model's metadata_props.
 METADATA_KEY = "covidct_contract"
-#: Version 2 adds ``preprocessing`` (site-invariant lung framing), ``target_sensitivity`` and
-#: ``architecture``. A version 1 contract reads as ``preprocessing = {"method": "resize"}``, so an
+#: Version 2 adds ``preprocessing`` (site-invariant lung framing), ``target_sensitivity``,
+#: ``architecture``, ``reference`` (the shift alarm's) and ``calibration`` (a local threshold's provenance). A version 1 contract reads as ``preprocessing = {"method": "resize"}``, so an
 #: older model screens exactly as it did.
 SCHEMA_VERSION = 2
 SUPPORTED_SCHEMAS = (1, 2)
@@ -69,6 +73,10 @@ class Contract:
             and parameters. Schema 1 contracts have none and read as ``{"method": "resize"}``.
         target_sensitivity: the sensitivity the threshold was chosen to reach (None if unknown).
         architecture: the network's name (informational).
+        reference: what the model saw, for the shift alarm (``engine.shift``); None: no alarm.
+        calibration: provenance of a threshold set by ``covidct-evaluate --calibrate`` (None when the
+            threshold is training's): the local set, the date, the figures at the old and new
+            threshold, and the original model's sha256.
     """
 
     image_size: tuple[int, int]
@@ -89,6 +97,8 @@ class Contract:
     preprocessing: dict[str, Any] = field(default_factory=default_spec)
     target_sensitivity: float | None = None
     architecture: str = ""
+    reference: dict[str, Any] | None = None
+    calibration: dict[str, Any] | None = None
     schema_version: int = SCHEMA_VERSION
 
     def __post_init__(self) -> None:
@@ -121,6 +131,10 @@ class Contract:
         if not isinstance(w, dict) or not {"level", "width"} <= set(w) or not float(w.get("width", 0)) > 0:
             p.append(f"window must be {{'level': HU, 'width': HU > 0}}, e.g. {LUNG_WINDOW}; got {w!r}")
         p.extend(spec_problems(self.preprocessing))
+        p.extend(reference_problems(self.reference))
+        cal = self.calibration
+        if cal is not None and (not isinstance(cal, dict) or not {"original_sha256", "previous_threshold"} <= set(cal)):
+            p.append("calibration must be an object with at least original_sha256 and previous_threshold")
         ts = self.target_sensitivity
         if ts is not None and (not isinstance(ts, (int, float)) or not 0.0 < float(ts) <= 1.0):
             p.append(f"target_sensitivity must be in (0, 1], e.g. 0.95; got {ts!r}")
@@ -167,7 +181,8 @@ class Contract:
         if unknown:
             raise ContractError(f"contract has unknown keys {unknown} (written by a newer version?)")
         if data.get("schema_version", 1) == 1:
-            unknown_v1 = sorted(set(data) & {"preprocessing", "target_sensitivity", "architecture"})
+            unknown_v1 = sorted(set(data) & {"preprocessing", "target_sensitivity", "architecture", "reference",
+                                             "calibration"})
             if unknown_v1:
                 raise ContractError(f"a schema 1 contract cannot carry {unknown_v1}")
             data["preprocessing"] = {"method": RESIZE}  # what every schema 1 model was trained on
@@ -179,6 +194,35 @@ class Contract:
             return cls(**data)
         except TypeError as e:
             raise ContractError(f"contract fields are malformed: {e}") from None
+
+
+def embed_contract(proto, contract: Contract) -> None:
+    """Write the contract (and the research-use disclaimer) into ``metadata_props``."""
+    props = {p.key: p.value for p in proto.metadata_props}
+    props[METADATA_KEY] = contract.to_json()
+    props["disclaimer"] = DISCLAIMER
+    del proto.metadata_props[:]
+    for k, v in sorted(props.items()):
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = k, v
+    proto.producer_name = "covidct-export"
+    proto.doc_string = DISCLAIMER
+
+
+def save_atomic(proto_bytes: bytes, out: Path) -> None:
+    """Write to a temporary file in the destination folder, then rename into place."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=out.name + ".", suffix=".tmp", dir=out.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(proto_bytes)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, out)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def sha256_file(path) -> str:

@@ -185,9 +185,24 @@ def decode_frames(
     Raises:
         DecodeError: with ``code`` one of this module's reason codes.
     """
+    return [(img, sl) for img, sl, _ in decode_inputs(data, image_size, interpolation, window=window,
+                                                       preprocessing=preprocessing, max_pixels=max_pixels,
+                                                       reduced_jpeg=reduced_jpeg)]
+
+
+def decode_inputs(data: bytes, image_size: tuple[int, int], interpolation: str = DEFAULT_INTERPOLATION, *,
+                  window: dict[str, float] | None = None, preprocessing: dict | None = None,
+                  max_pixels: int = MAX_PIXELS, reduced_jpeg: bool = False
+                  ) -> list[tuple[np.ndarray, "Slice | None", "Framing | None"]]:
+    """:func:`decode_frames` with what the preprocessing found about each frame (its
+    :class:`engine.preprocess.Framing`, None for plain resizing): the shift alarm's raw material."""
     frames = decode_grey_frames(data, window=window, max_pixels=max_pixels,
                                 reduced_jpeg_for=image_size if reduced_jpeg else None)
-    return [(resize(grey, image_size, interpolation, preprocessing), sl) for grey, sl in frames]
+    out = []
+    for grey, sl in frames:
+        img, framing = preprocess(grey, image_size, INTERPOLATIONS[interpolation], preprocessing)
+        out.append((img, sl, framing))
+    return out
 
 
 def decode_grey_frames(data: bytes, *, window: dict[str, float] | None = None, max_pixels: int = MAX_PIXELS,
@@ -275,6 +290,6 @@ def decode_file(path, image_size, interpolation=DEFAULT_INTERPOLATION, *, window
 
 
 __all__ = [
-    "DecodeError", "decode_frames", "decode_grey_frames", "decode_and_resize", "decode_file", "read_file", "sniff", "header_size", "to_grey_uint8",
+    "DecodeError", "decode_frames", "decode_grey_frames", "decode_inputs", "decode_and_resize", "decode_file", "read_file", "sniff", "header_size", "to_grey_uint8",
     "resize", "MAX_PIXELS", "SKIP_CODES", "LUNG_WINDOW",
 ]

@@ -27,6 +27,18 @@ log = logging.getLogger(__name__)
 
 EVALUATION_FILE = "evaluation.json"
 
+#: --calibrate refuses fewer readable slices than this in either class. With 20 positives the
+#: threshold for 0.95 sensitivity sits at the lowest positive but one; below that it is set by one or
+#: two slices and a Wilson interval on sensitivity spans more than 0.25.
+MIN_CALIBRATION_SLICES = 20
+#: --calibrate refuses a set in which the preprocessing finds no body or no lung fields in more than
+#: this share of slices: it does not read as lung CT.
+MAX_UNFRAMED_SHARE = 0.2
+
+
+class CalibrationRefused(RuntimeError):
+    """The labelled set cannot set a threshold with meaning; nothing was written."""
+
 
 @dataclass(frozen=True)
 class EvaluateConfig:
@@ -40,6 +52,8 @@ class EvaluateConfig:
     address: str | None = None
     device: str = "auto"
     progress: bool = True
+    calibrate: bool = False                   # write a copy of the model with a threshold set on this data
+    calibrated_out: Path | None = None        # default: OUT/<model name>.calibrated.onnx
 
 
 def _at_threshold(y: np.ndarray, p: np.ndarray, threshold: float) -> dict:
@@ -109,6 +123,8 @@ def evaluate(cfg: EvaluateConfig) -> dict:
 
     contract = check_model(cfg.model)  # a bad model fails before any work
     classes = resolve_classes(cfg.data_dir, cfg.positive)
+    if cfg.calibrate:
+        _calibration_prechecks(cfg, classes)
     if set(classes) != set(contract.class_names):
         log.warning("class folders %s differ from the model's classes %s: %r is read as %r",
                     list(classes), list(contract.class_names), classes[1], contract.positive_class)
@@ -121,9 +137,9 @@ def evaluate(cfg: EvaluateConfig) -> dict:
     import pyarrow.dataset as pads
 
     table = pads.dataset(screen / "predictions", format="parquet").to_table(
-        columns=["path", "status", "reason", "message", "probability"])
+        columns=["path", "status", "reason", "message", "probability", "framing"])
     rows = table.to_pylist()
-    labels, probs, unreadable, skipped = [], [], [], []
+    labels, probs, unreadable, skipped, unframed = [], [], [], [], 0
     for r in rows:
         cls = next((k for k, f in enumerate(folders) if r["path"].startswith(f + os.sep)), None)
         if cls is None:  # cannot happen for paths under the two folders; never guess a label
@@ -131,6 +147,7 @@ def evaluate(cfg: EvaluateConfig) -> dict:
         if r["status"] == "ok":
             labels.append(cls)
             probs.append(r["probability"])
+            unframed += r["framing"] is not None
         elif r["status"] == "error":
             unreadable.append({"path": r["path"], "class": classes[cls], "reason": r["reason"], "message": r["message"]})
         else:
@@ -150,12 +167,85 @@ def evaluate(cfg: EvaluateConfig) -> dict:
         "unreadable": unreadable, "skipped": skipped, **fig,
         "screen": {"run_id": result.run["run_id"], "images_per_s": result.run["images_per_s"],
                    "provider": result.run["execution_providers"]},
+        "shift": result.run.get("shift"),
+        "unframed_share": unframed / len(labels),
     }
+    if cfg.calibrate:
+        try:
+            report["threshold_calibration"] = calibrate(cfg, contract, result.run["model"]["sha256"], y, p, target,
+                                                        report)
+        except CalibrationRefused as e:
+            report["threshold_calibration"] = {"refused": str(e)}
     tmp = out / (EVALUATION_FILE + ".tmp")
     tmp.write_text(json.dumps(report, indent=2))
     os.replace(tmp, out / EVALUATION_FILE)
     _plots(fig, contract, out)
+    if "refused" in report.get("threshold_calibration", {}):
+        raise CalibrationRefused(report["threshold_calibration"]["refused"] + f" (the evaluation itself is in {out})")
     return report
+
+
+def calibrated_path(cfg: EvaluateConfig) -> Path:
+    return Path(cfg.calibrated_out or Path(cfg.out) / f"{Path(cfg.model).stem}.calibrated.onnx")
+
+
+def _calibration_prechecks(cfg: EvaluateConfig, classes: tuple[str, str]) -> None:
+    """Refusals that need no screening: the output would replace the model, or a class is too small."""
+    dest = calibrated_path(cfg)
+    if dest.resolve() == Path(cfg.model).resolve():
+        raise CalibrationRefused(f"--calibrated-out {dest} is the model itself: the original is never overwritten")
+    for name in classes:
+        n = sum(1 for f in (Path(cfg.data_dir) / name).rglob("*") if f.is_file())
+        if n < MIN_CALIBRATION_SLICES:
+            raise CalibrationRefused(
+                f"class folder {name!r} holds {n} file(s); a threshold needs at least {MIN_CALIBRATION_SLICES} "
+                f"readable slices of each class to mean anything (with fewer, one slice moves it)")
+
+
+def calibrate(cfg: EvaluateConfig, contract: Contract, model_sha: str, y: np.ndarray, p: np.ndarray,
+              target: float, report: dict) -> dict:
+    """Choose the threshold reaching ``target`` sensitivity on (y, p) with the highest specificity and
+    write a copy of the model whose contract carries it and its provenance. Refuses (raises
+    CalibrationRefused, writes nothing) when the set is too small or does not read as lung CT."""
+    import dataclasses
+    import datetime as dt
+
+    import onnx
+
+    from . import __version__
+    from .contract import embed_contract, read_contract, save_atomic
+
+    npos, nneg = int(y.sum()), int(len(y) - y.sum())
+    if min(npos, nneg) < MIN_CALIBRATION_SLICES:
+        raise CalibrationRefused(f"{npos} positive and {nneg} negative slices were readable; --calibrate needs at "
+                                 f"least {MIN_CALIBRATION_SLICES} of each")
+    skipped_not_ct = sum(1 for s in report["skipped"] if s["reason"] in ("not_ct_image", "localizer"))
+    if skipped_not_ct > len(y):
+        raise CalibrationRefused(f"{skipped_not_ct} DICOM objects are not CT slices against {len(y)} that are: "
+                                 "this set reads as a different modality")
+    if report["unframed_share"] > MAX_UNFRAMED_SHARE:
+        raise CalibrationRefused(f"in {report['unframed_share']:.0%} of the slices no body or no lung fields were "
+                                 f"found (more than {MAX_UNFRAMED_SHARE:.0%}): this set does not read as lung CT")
+    new = operating_threshold(y, p, target)
+    provenance = {
+        "tool": "covidct-evaluate --calibrate", "project_version": __version__,
+        "date": dt.datetime.now(dt.timezone.utc).date().isoformat(),
+        "data": {"n": int(len(y)), "positives": npos, "negatives": nneg},
+        "target_sensitivity": float(target), "previous_threshold": float(contract.threshold),
+        "at_previous": report["at_stored_threshold"], "at_new": _at_threshold(y, p, new),
+        "roc_auc": report["roc_auc"], "roc_auc_ci95": report["roc_auc_ci95"],
+        "original_sha256": model_sha, "previous_calibration": contract.calibration,
+    }
+    new_contract = dataclasses.replace(contract, threshold=float(new), calibration=provenance)
+    proto = onnx.load(str(cfg.model))
+    embed_contract(proto, new_contract)
+    dest = calibrated_path(cfg)
+    save_atomic(proto.SerializeToString(), dest)
+    back = read_contract(dest)
+    if back.threshold != new_contract.threshold or back.calibration != provenance:
+        dest.unlink(missing_ok=True)
+        raise CalibrationRefused(f"the calibrated model written to {dest} did not read back as written")
+    return {"model": str(dest), "threshold": float(new), "provenance": provenance}
 
 
 def _ci(v) -> str:
@@ -183,6 +273,17 @@ def format_report(r: dict, out: Path) -> str:
         lines.append(f"    unreadable: {u['path']} ({u['reason']})")
     if len(r["unreadable"]) > 10:
         lines.append(f"    ... {len(r['unreadable']) - 10} more in {EVALUATION_FILE}")
+    sh = r.get("shift")
+    if sh:
+        lines.append(f"  shift alarm: {sh['verdict']}" + (f" (score {sh['score']:.3f})" if sh.get("score") is not None
+                                                          else ""))
+    cal = r.get("threshold_calibration")
+    if cal and "model" in cal:
+        a, b = cal["provenance"]["at_previous"], cal["provenance"]["at_new"]
+        lines.append(f"  calibrated: threshold {cal['provenance']['previous_threshold']:.4f} -> {cal['threshold']:.4f}; "
+                     f"sensitivity {a['sensitivity']:.3f} -> {b['sensitivity']:.3f} {_ci(b['sensitivity_ci95'])}, "
+                     f"specificity {a['specificity']:.3f} -> {b['specificity']:.3f} {_ci(b['specificity_ci95'])}")
+        lines.append(f"  wrote {cal['model']} (the original model is unchanged)")
     lines.append(f"  written: {out / EVALUATION_FILE}, {out / 'roc.png'}, {out / 'reliability.png'}")
     lines.append(DISCLAIMER)
     return "\n".join(lines)

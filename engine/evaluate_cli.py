@@ -19,21 +19,26 @@ from .logs import setup_logging
 @click.option("--positive", default=None, help="Name of the positive class folder (default: recognised by name).")
 @click.option("--target-sensitivity", type=click.FloatRange(0, 1, min_open=True), default=None,
               help="Sensitivity for the suggested local threshold (default: the model's own target).")
+@click.option("--calibrate", is_flag=True,
+              help="Also write a copy of the model whose threshold reaches the target sensitivity on this data "
+                   "(needs >= 20 readable slices of each class; the original is never changed).")
+@click.option("--calibrated-out", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Where --calibrate writes the new model (default: OUT/<model name>.calibrated.onnx).")
 @click.option("--batch-size", type=click.IntRange(1, 4096), default=32, show_default=True)
 @click.option("--num-cpus", type=click.IntRange(1), default=None, help="CPUs of the local Ray runtime (all cores).")
 @click.option("--address", default=None, help="Join this Ray cluster instead of a local runtime.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--no-progress", is_flag=True, help="No progress line on stderr.")
 @click.option("-v", "--verbose", is_flag=True)
-def main(model, data_dir, out, positive, target_sensitivity, batch_size, num_cpus, address, device, no_progress,
-         verbose):
+def main(model, data_dir, out, positive, target_sensitivity, calibrate, calibrated_out, batch_size, num_cpus, address,
+         device, no_progress, verbose):
     """Check MODEL on labelled slices in DATA_DIR (one sub-folder per class, as for covidct-train).
 
     Exit codes: 0 evaluated; 1 evaluated, some files unreadable (listed); 2 nothing evaluated
-    (bad model, bad folders, one class only).
+    (bad model, bad folders, one class only) or --calibrate refused (too few slices, not lung CT).
     """
     setup_logging(verbose)
-    from .evaluate import EvaluateConfig, evaluate, format_report
+    from .evaluate import CalibrationRefused, EvaluateConfig, evaluate, format_report
     from .labels import DataError
     from .pipeline import EXIT_BAD_RUN, EXIT_INTERRUPTED, RunError
 
@@ -42,7 +47,11 @@ def main(model, data_dir, out, positive, target_sensitivity, batch_size, num_cpu
         report = evaluate(EvaluateConfig(model=model, data_dir=data_dir, out=out, positive=positive,
                                          target_sensitivity=target_sensitivity, batch_size=batch_size,
                                          num_cpus=num_cpus, address=address, device=device,
-                                         progress=not no_progress))
+                                         progress=not no_progress, calibrate=calibrate,
+                                         calibrated_out=calibrated_out))
+    except CalibrationRefused as e:
+        click.echo(f"covidct-evaluate: --calibrate refused: {e}", err=True)
+        sys.exit(EXIT_BAD_RUN)
     except (RunError, DataError) as e:
         click.echo(f"covidct-evaluate: error: {e}", err=True)
         sys.exit(EXIT_BAD_RUN)

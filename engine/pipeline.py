@@ -26,9 +26,10 @@ import numpy as np
 
 from . import __version__
 from .contract import DISCLAIMER, Contract, ContractError, read_contract, sha256_file
-from .decode import MAX_PIXELS, DecodeError, decode_frames, read_file
+from .decode import MAX_PIXELS, DecodeError, decode_inputs, read_file
 from .dicom import redact
 from .predictor import ModelError, Predictor
+from .shift import STATS, Histograms, compare, slice_stats
 from .sink import PREDICTIONS, DoneIndex, PartWriter, row_key
 from .sources import iter_inputs
 from .stats import Progress, Reservoir
@@ -120,7 +121,7 @@ def decode_batch(items: list[tuple[str, int, int, int]], spec: dict) -> dict:
         try:
             data = read_file(path)
             t1 = time.perf_counter()
-            frames = decode_frames(data, spec["image_size"], spec["interpolation"], window=spec["window"],
+            frames = decode_inputs(data, spec["image_size"], spec["interpolation"], window=spec["window"],
                                    preprocessing=spec["preprocessing"], max_pixels=spec["max_pixels"],
                                    reduced_jpeg=spec["fast_jpeg"])
             t2 = time.perf_counter()
@@ -129,10 +130,13 @@ def decode_batch(items: list[tuple[str, int, int, int]], spec: dict) -> dict:
                          "reason": e.code, "message": redact(e.message, e.redact),
                          "read_ms": (time.perf_counter() - t0) * 1e3, "decode_ms": 0.0})
             continue
-        for img, sl in frames:
+        for img, sl, framing in frames:
             images.append(img)
             row = {**base, "status": "ok", "reason": None, "message": None, "read_ms": (t1 - t0) * 1e3,
                    "decode_ms": (t2 - t1) * 1e3 / len(frames)}
+            stats = slice_stats(img, framing)  # the shift alarm's statistics: a few floats, no pixels
+            if stats is not None:
+                row.update(stats, framing=framing.fallback)
             if sl is not None:
                 k = spec.get("pseudonym_key")
                 row.update(path=redact(path, sl.identifying), study_uid=pseudonymize(sl.study_uid, k),
@@ -364,6 +368,7 @@ def _run(cfg, contract, model_sha, out, done, run_id, started, t_start) -> RunSu
 
     writer = PartWriter(out / PREDICTIONS, run_id, cfg.rows_per_part, cfg.part_seconds)
     summary = RunSummary(out=out)
+    shift_hist = Histograms()  # this run's slices, in the reference's fixed bins: bounded memory
     stages = {k: Reservoir() for k in ("read_ms", "decode_ms", "infer_ms", "batch_latency_ms")}
     progress = Progress(cfg.progress)
     seen_this_run: set[int] = set()
@@ -393,6 +398,8 @@ def _run(cfg, contract, model_sha, out, done, run_id, started, t_start) -> RunSu
             summary.counts[r["status"]] += 1
             if r["status"] == "ok":
                 summary.labels[r["label"]] += 1
+                shift_hist.add({k: r[k] for k in STATS} if r.get("input_detail") is not None else None,
+                               r.get("probability"))
             else:
                 summary.reasons[(r["status"], r["reason"])] += 1
             for k in ("read_ms", "decode_ms", "infer_ms"):
@@ -443,16 +450,21 @@ def _run(cfg, contract, model_sha, out, done, run_id, started, t_start) -> RunSu
     summary.exit_code = EXIT_FILE_ERRORS if summary.counts["error"] else EXIT_OK
     summary.run = _run_record(cfg, contract, model_sha, run_id, plan, providers, summary, stages, started,
                               writer, t_start)
+    summary.run["shift"] = compare(contract.reference, shift_hist)
+    summary.run["shift"]["scope"] = "the slices predicted by this run"
     from .report import write_report
     from .studies import build_studies, current_rows
 
     rows = current_rows(out, model_sha)  # read the parts once for studies and report
-    studies = build_studies(out, rows, contract.threshold, cfg.top_k, cfg.group_by)
+    studies = build_studies(out, rows, contract.threshold, cfg.top_k, cfg.group_by, contract.reference)
     summary.run["studies"] = {"studies": sum(1 for v in studies.column("level").to_pylist() if v == "study"),
                               "flagged": sum(1 for lv, d in zip(studies.column("level").to_pylist(),
                                                                  studies.column("decision").to_pylist())
                                              if lv == "study" and d),
-                              "rule": f"mean of the top {cfg.top_k} slice probabilities >= threshold"}
+                              "rule": f"mean of the top {cfg.top_k} slice probabilities >= threshold",
+                              "shifted": sum(1 for lv, v in zip(studies.column("level").to_pylist(),
+                                                                studies.column("shift_verdict").to_pylist())
+                                             if lv == "study" and v and v.startswith("shifted"))}
     tmp = out / "run.json.tmp"
     tmp.write_text(json.dumps(summary.run, indent=2, default=str))
     os.replace(tmp, out / "run.json")

@@ -39,6 +39,40 @@ def histogram_svg(probs: np.ndarray, threshold: float, bins: int = 20, w: int = 
             f'<text x="{tx + 4:.1f}" y="12" font-size="11" fill="#c0392b">threshold {threshold:.3f}</text>{axis}</svg>')
 
 
+def shift_banner(shift: dict | None) -> str:
+    """The shift alarm's verdict as a visible banner, with the statistics behind it."""
+    if not shift:
+        return ""
+    verdict = shift["verdict"]
+    cls = "shifted" if verdict.startswith("shifted") else "inrange" if verdict == "in range" else "unknown"
+    head = {"shifted": "This archive is not like the data the model was trained on. Check the model on "
+                       "labelled local slices (covidct-evaluate) before using its outputs.",
+            "inrange": "This archive is in the range of the data the model was trained on (how the images were "
+                       "made, not whether the model is right: only a labelled local check tells that).",
+            "unknown": verdict}[cls]
+    rows = "".join(f"<tr><td>{_esc(k)}</td><td>{_esc(v['ks'])}</td><td>{_esc(v['critical'])}</td>"
+                   f"<td>{'decides' if v.get('decides') else 'information'}</td>"
+                   f"<td>{'shifted' if v['shifted'] else ''}</td></tr>" for k, v in shift.get("stats", {}).items())
+    table = ("<details><summary>statistics (Kolmogorov-Smirnov distance to the reference)</summary><table>"
+             "<tr><th>statistic</th><th>KS</th><th>critical</th><th>role</th><th></th></tr>" + rows + "</table>"
+             f"<p>{_esc(shift.get('rule'))}</p></details>") if rows else ""
+    score = f" Shift score {shift['score']:.3f} over {shift['slices']} slices." if shift.get("score") is not None else ""
+    return (f'<div class="{cls}" id="shift"><b>Shift alarm: {_esc(verdict)}.</b> {_esc(head) if cls != "unknown" else ""}'
+            f'{_esc(score)}{table}</div>')
+
+
+def calibration_note(cal: dict | None) -> str:
+    """Where the threshold came from, when covidct-evaluate --calibrate set it on local data."""
+    if not cal:
+        return ""
+    d = cal.get("data", {})
+    return (f'<p id="calibration">Threshold calibrated on local data on {_esc(cal.get("date"))}: '
+            f'{_esc(d.get("n"))} slices ({_esc(d.get("positives"))} positive, {_esc(d.get("negatives"))} negative), '
+            f'target sensitivity {_esc(cal.get("target_sensitivity"))}; previous threshold '
+            f'{_esc(cal.get("previous_threshold"))}; original model sha256 '
+            f'<code>{_esc(str(cal.get("original_sha256"))[:16])}</code>.</p>')
+
+
 def write_report(out: Path, run: dict, rows, group_by: str | None = None) -> Path:
     """Render the report from run.json's record, the current rows (``studies.current_rows``),
     studies.parquet and the thumbnails in the prediction parts."""
@@ -55,9 +89,13 @@ def write_report(out: Path, run: dict, rows, group_by: str | None = None) -> Pat
 <style>body{{font-family:sans-serif;margin:2em;max-width:1100px;color:#222}}
 table{{border-collapse:collapse;margin:.5em 0}}td,th{{border:1px solid #ccc;padding:3px 8px;text-align:left}}
 .warn{{background:#fff3cd;border:1px solid #e0c060;padding:.6em 1em}}.thumbs img{{margin:2px;border:1px solid #999}}
-.flag{{color:#c0392b;font-weight:bold}}</style></head><body>
+.flag{{color:#c0392b;font-weight:bold}}.shifted{{background:#f8d7da;border:2px solid #c0392b;padding:.6em 1em}}
+.inrange{{background:#e6f4ea;border:1px solid #5a9;padding:.6em 1em}}.unknown{{background:#eee;border:1px solid #aaa;padding:.6em 1em}}
+</style></head><body>
 <h1>covidct-batch screening report</h1>
 <p class="warn" id="disclaimer">{_esc(DISCLAIMER)}</p>
+{shift_banner(run.get("shift"))}
+{calibration_note(run["model"]["contract"].get("calibration"))}
 <p>Run <code>{_esc(run['run_id'])}</code>, {_esc(run['started'])} to {_esc(run['ended'])}. Model sha256
 <code>{_esc(sha[:16])}</code>, positive class <b>{_esc(run['model']['contract']['positive_class'])}</b>,
 threshold {thr:.4f}, provider {_esc(', '.join(run['execution_providers']))}.</p>
@@ -78,7 +116,7 @@ threshold {thr:.4f}, provider {_esc(', '.join(run['execution_providers']))}.</p>
         parts.append(f"<p>{len(flagged)} of {len(st)} studies flagged (mean of the top {int(st.top_k.iloc[0])} "
                      f"slice probabilities &ge; threshold).</p>")
         parts.append('<table id="flagged"><tr><th>study</th><th>slices ok/total</th><th>flagged slices</th>'
-                     "<th>top-k mean</th><th>max</th><th>top slices</th></tr>")
+                     "<th>top-k mean</th><th>max</th><th>shift</th><th>top slices</th></tr>")
         thumbs = _thumbnails(out, sha, group_by)
         for _, s in flagged.head(MAX_FLAGGED).iterrows():
             imgs = "".join(
@@ -87,7 +125,8 @@ threshold {thr:.4f}, provider {_esc(', '.join(run['execution_providers']))}.</p>
                 for p, b in thumbs.get(s.study, [])[:3])
             parts.append(f"<tr><td><code>{_esc(s.study)}</code></td><td>{s.ok}/{s.slices}</td>"
                          f"<td>{s.flagged_slices}</td><td class='flag'>{s.top_k_mean:.3f}</td>"
-                         f"<td>{s.max_probability:.3f}</td><td class='thumbs'>{imgs}</td></tr>")
+                         f"<td>{s.max_probability:.3f}</td><td>{_esc(s.get('shift_verdict'))}</td>"
+                         f"<td class='thumbs'>{imgs}</td></tr>")
         parts.append("</table>")
         if len(flagged) > MAX_FLAGGED:
             parts.append(f"<p>{len(flagged) - MAX_FLAGGED} more flagged studies are in studies.parquet.</p>")

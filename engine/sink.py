@@ -43,6 +43,13 @@ SCHEMA = pa.schema([
     ("slice_position", pa.float64()),  # z of ImagePositionPatient (mm)
     ("frame", pa.int32()),          # frame index within the DICOM object (0 for single-frame)
     ("thumbnail", pa.binary()),     # 96x96 JPEG of the model's input, positive rows only (for the report)
+    # What the preprocessing found (engine.preprocess, engine.shift); null for schema 1 models.
+    ("framing", pa.string()),       # null, or the fallback taken: no_body / no_lungs
+    ("dark_anchor", pa.float32()),  # grey of aerated lung before mapping (reveals the export window)
+    ("tissue_anchor", pa.float32()),  # grey of soft tissue before mapping
+    ("lung_fraction", pa.float32()),  # share of the body in the lung fields
+    ("input_mean", pa.float32()),   # mean of the model's input inside the body
+    ("input_detail", pa.float32()),  # mean |Laplacian| of the model's input (resolution, blur, noise)
 ])
 COLUMNS = SCHEMA.names
 

@@ -16,6 +16,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from .shift import STATS, Histograms, compare
 from .sink import PREDICTIONS
 
 STUDIES = "studies.parquet"
@@ -29,8 +30,15 @@ def current_rows(out: Path, model_sha256: str):
 
     parts = sorted((Path(out) / PREDICTIONS).glob("part-*.parquet"))
     if not parts:
-        return pd.DataFrame(columns=COLUMNS)
-    df = pd.concat([pq.read_table(p, columns=COLUMNS).to_pandas() for p in parts], ignore_index=True)
+        return pd.DataFrame(columns=COLUMNS + list(STATS))
+    frames = []
+    for p in parts:  # parts written before the shift statistics existed have no such columns
+        have = set(pq.read_schema(p).names)
+        frames.append(pq.read_table(p, columns=COLUMNS + [c for c in STATS if c in have]).to_pandas())
+    df = pd.concat(frames, ignore_index=True)
+    for c in STATS:
+        if c not in df:
+            df[c] = np.nan
     df = df[df.model_sha256 == model_sha256]
     df["frame"] = df["frame"].fillna(-1)
     # redacted DICOM paths can coincide (same patient, same file name on two dates): the SOP UID tells them apart
@@ -48,8 +56,20 @@ def group_key(path: str, group_by: str | None) -> str | None:
     return (m.group(1) if m.groups() else m.group(0)) if m else None
 
 
-def build_studies(out: Path, rows, threshold: float, top_k: int = 3, group_by: str | None = None) -> pa.Table:
-    """One row per series and per study from ``current_rows``; written to OUT_DIR/studies.parquet atomically."""
+def group_shift(reference: dict | None, ok) -> dict:
+    """The shift alarm over one group's ok rows (``current_rows`` columns)."""
+    hist = Histograms()
+    values = ok[list(STATS)].to_numpy(np.float64)
+    for row, p in zip(values, ok.probability.to_numpy(np.float64)):
+        hist.add(None if np.isnan(row[-1]) else dict(zip(STATS, row)), p)
+    return compare(reference, hist)
+
+
+def build_studies(out: Path, rows, threshold: float, top_k: int = 3, group_by: str | None = None,
+                  reference: dict | None = None) -> pa.Table:
+    """One row per series and per study from ``current_rows``; written to OUT_DIR/studies.parquet atomically.
+
+    Each carries the shift alarm over its own slices against the model's ``reference``."""
     df = rows.copy()
     if len(df):
         other = df.study_uid.isna()
@@ -64,6 +84,7 @@ def build_studies(out: Path, rows, threshold: float, top_k: int = 3, group_by: s
             probs = np.sort(ok.probability.to_numpy(np.float64))[::-1]
             topk = float(probs[:top_k].mean()) if len(probs) else None
             top = ok.loc[ok.probability.idxmax()] if len(ok) else None
+            shift = group_shift(reference, ok)
             records.append({
                 "level": level, "study": key[0], "series": key[1] if level == "series" else None,
                 "slices": int(len(g)), "ok": int(len(ok)), "errored": int((g.status == "error").sum()),
@@ -74,6 +95,7 @@ def build_studies(out: Path, rows, threshold: float, top_k: int = 3, group_by: s
                 "top_slice_path": None if top is None else top.path,
                 "top_slice_sop_uid": None if top is None or not isinstance(top.sop_uid, str) else top.sop_uid,
                 "top_slice_frame": None if top is None or top.frame < 0 else int(top.frame),
+                "shift_score": shift["score"], "shift_verdict": shift["verdict"],
             })
     table = pa.Table.from_pylist(records, schema=SCHEMA)
     tmp = Path(out) / (STUDIES + ".tmp")
@@ -88,4 +110,5 @@ SCHEMA = pa.schema([
     ("max_probability", pa.float64()), ("top_k", pa.int64()), ("top_k_mean", pa.float64()),
     ("threshold", pa.float64()), ("decision", pa.bool_()), ("top_slice_path", pa.string()),
     ("top_slice_sop_uid", pa.string()), ("top_slice_frame", pa.int64()),
+    ("shift_score", pa.float64()), ("shift_verdict", pa.string()),
 ])

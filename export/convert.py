@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import logging
-import os
-import tempfile
-from pathlib import Path
 
-from engine.contract import DISCLAIMER, METADATA_KEY, Contract
+from engine.contract import Contract, embed_contract
 
 log = logging.getLogger(__name__)
 
@@ -40,32 +37,3 @@ def keras_to_onnx(model, contract: Contract, opset: int = OPSET):
         dim0.dim_param = BATCH_AXIS  # tf2onnx names it unk__N; a stable name helps readers
     embed_contract(proto, contract)
     return proto
-
-
-def embed_contract(proto, contract: Contract) -> None:
-    """Write the contract (and the research-use disclaimer) into ``metadata_props``."""
-    props = {p.key: p.value for p in proto.metadata_props}
-    props[METADATA_KEY] = contract.to_json()
-    props["disclaimer"] = DISCLAIMER
-    del proto.metadata_props[:]
-    for k, v in sorted(props.items()):
-        entry = proto.metadata_props.add()
-        entry.key, entry.value = k, v
-    proto.producer_name = "covidct-export"
-    proto.doc_string = DISCLAIMER
-
-
-def save_atomic(proto_bytes: bytes, out: Path) -> None:
-    """Write to a temporary file in the destination folder, then rename into place."""
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=out.name + ".", suffix=".tmp", dir=out.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(proto_bytes)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
@@ -10,13 +11,12 @@ from pathlib import Path
 
 import numpy as np
 
-from engine.contract import Contract
+from engine.contract import Contract, save_atomic, sha256_file
 from engine.decode import DecodeError, decode_file
 from train.data import read_split
-from engine.contract import sha256_file
 from train.fit import CONTRACT_FILE, MODEL_FILE, SPLIT_FILE
 
-from .convert import keras_to_onnx, save_atomic
+from .convert import keras_to_onnx
 from .validate import ExportValidationError, compare, structural_problems, validate
 
 log = logging.getLogger(__name__)
@@ -30,6 +30,7 @@ class ExportConfig:
     run_dir: Path
     out: Path
     int8: bool = False
+    reference: bool = True  # record the shift alarm's reference in the contract
 
     def __post_init__(self):
         missing = [n for n in (MODEL_FILE, CONTRACT_FILE, SPLIT_FILE) if not (Path(self.run_dir) / n).is_file()]
@@ -59,6 +60,37 @@ def _load_images(rows: list[dict], split: str, limit: int, contract: Contract) -
     return np.stack(images)[..., None]
 
 
+def shift_reference(rows: list[dict], model, contract: Contract) -> dict | None:
+    """The shift alarm's reference (``engine.shift``): the statistics of the training and validation
+    images as the engine's preprocessing sees them, and the model's probabilities on the validation
+    split. The test split stays out, so that the alarm's quiet on it is a fair check. None for a
+    model whose preprocessing yields no statistics (plain resize)."""
+    from engine.decode import decode_inputs, read_file
+    from engine.shift import Histograms, slice_stats
+
+    hist = Histograms()
+    val_images = []
+    for row in rows:
+        if row["split"] == "test":
+            continue
+        try:
+            frames = decode_inputs(read_file(row["path"]), **contract.decode_kwargs())
+        except DecodeError:
+            continue
+        for img, _, framing in frames:
+            hist.add(slice_stats(img, framing))
+            if row["split"] == "val":
+                val_images.append(img)
+    if hist.n == 0:
+        return None
+    if val_images:
+        probs = model.predict(np.stack(val_images)[..., None].astype(np.float32), batch_size=32, verbose=0)[:, 0]
+        for p in probs:
+            hist.add(None, float(p))
+    return hist.to_reference(f"training and validation splits of the covidct-train run ({hist.n} slices); "
+                             f"probabilities of its validation split ({len(val_images)} slices)")
+
+
 def export(cfg: ExportConfig) -> dict:
     """Convert, validate and write the model (and its INT8 twin with ``int8``); returns the report."""
     from train.model import load_trained
@@ -72,6 +104,8 @@ def export(cfg: ExportConfig) -> dict:
     model = load_trained(run / MODEL_FILE, contract.image_size, contract.architecture or "seed")
     rows = read_split(run / SPLIT_FILE)
     images = _load_images(rows, "test", PARITY_IMAGES, contract)
+    if cfg.reference:
+        contract = dataclasses.replace(contract, reference=shift_reference(rows, model, contract))
     t = time.perf_counter()
     proto = keras_to_onnx(model, contract)
     report = {"convert_seconds": round(time.perf_counter() - t, 1), "parity": validate(proto, model, images, contract),

@@ -12,7 +12,7 @@ import numpy as np
 
 from engine.contract import Contract
 
-from .convert import embed_contract
+from engine.contract import embed_contract
 
 log = logging.getLogger(__name__)
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from engine.contract import Contract
 
-from .convert import embed_contract
+from engine.contract import embed_contract
 
 
 def tiny_model(path: Path, image_size=(64, 64), threshold=0.5, contract: Contract | None = None,

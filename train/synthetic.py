@@ -124,7 +124,7 @@ def other_site(grey: np.ndarray, rng: np.random.Generator | None = None, table: 
     h, w = grey.shape
     H, W = int(h * pad), int(w * pad)
     y, x = (H - h) // 2, (W - w) // 2
-    outside = int(np.percentile(np.concatenate([grey[0], grey[-1], grey[:, 0], grey[:, -1]]), 50))
+    outside = int(np.percentile(grey, 1))  # air: the darkest the export shows (a crop's border may be chest wall)
     canvas = np.full((H, W), outside, np.uint8)
     canvas[y:y + h, x:x + w] = grey
     if table:
