@@ -216,17 +216,21 @@ def check_model(model: Path) -> Contract:
         raise RunError(str(e)) from None
 
 
+def check_auth_mode(cfg: ScreenConfig) -> None:
+    """Ray >= 2.59 turns token authentication on for local runtimes (it generates a token in
+    ~/.ray/auth_token). Its servers listen on every interface, so a local run must never opt out."""
+    if cfg.address is None and os.environ.get("RAY_AUTH_MODE", "token").lower() != "token":
+        raise RunError(f"RAY_AUTH_MODE={os.environ['RAY_AUTH_MODE']}: covidct-batch will not start an "
+                       "unauthenticated Ray runtime (its ports are reachable from the network); unset it")
+
+
 def start_ray(cfg: ScreenConfig):
     """Join ``--address`` or start a local runtime in this process, with token authentication."""
     import ray
 
     if ray.is_initialized():  # e.g. tests that share one runtime
         return False
-    # Ray >= 2.59 turns token authentication on for local runtimes (it generates a token in
-    # ~/.ray/auth_token). Its servers listen on every interface, so a run must never opt out.
-    if cfg.address is None and os.environ.get("RAY_AUTH_MODE", "token").lower() != "token":
-        raise RunError(f"RAY_AUTH_MODE={os.environ['RAY_AUTH_MODE']}: covidct-batch will not start an "
-                       "unauthenticated Ray runtime (its ports are reachable from the network); unset it")
+    check_auth_mode(cfg)
     kwargs = dict(include_dashboard=False, log_to_driver=True, configure_logging=False)
     try:
         if cfg.address is None:
@@ -311,10 +315,15 @@ def run(cfg: ScreenConfig) -> RunSummary:
         except BaseException as e:  # re-raised in the main thread
             prep["error"] = e
 
+    check_auth_mode(cfg)
     worker = threading.Thread(target=prepare, name="covidct-prepare", daemon=True)
     worker.start()
-    owns_ray = start_ray(cfg)
-    worker.join()
+    try:
+        owns_ray = start_ray(cfg)
+    finally:
+        # Never leave while the worker is inside ONNX Runtime: an interpreter that exits under a
+        # live native thread pool aborts ("terminate called without an active exception").
+        worker.join()
     log.debug("startup: Ray up and model checked at %.2f s", time.monotonic() - t_start)
     run_id = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]
     try:
