@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import sys
 from pathlib import Path
 
@@ -48,10 +49,12 @@ def main(inputs, model, out, from_list, overwrite, batch_size, num_cpus, predict
     """Screen CT slices under INPUT... (folders, files) with MODEL; one prediction row per file.
 
     Exit codes: 0 every file ok or skipped; 1 finished, some files are error rows;
-    2 nothing done (bad options, no model, broken contract, Ray unreachable); 130 interrupted.
+    2 nothing done (bad options, no model, broken contract, Ray unreachable, OUT in use by another run);
+    3 stopped because a part could not be written (disk full): earlier parts intact; 130 interrupted.
     """
     setup_logging(verbose)
-    from .pipeline import EXIT_BAD_RUN, EXIT_INTERRUPTED, RunError, ScreenConfig, run
+    signal.signal(signal.SIGTERM, _terminated)  # schedulers stop jobs with SIGTERM: end like Ctrl-C
+    from .pipeline import EXIT_BAD_RUN, EXIT_INTERRUPTED, EXIT_OUTPUT_FAILED, OutputError, RunError, ScreenConfig, run
 
     opts = {"batch_size": batch_size, "num_cpus": num_cpus, "predictors": predictors,
             "inference_threads": inference_threads, "max_in_flight": max_in_flight, "rows_per_part": rows_per_part,
@@ -67,17 +70,25 @@ def main(inputs, model, out, from_list, overwrite, batch_size, num_cpus, predict
     try:
         cfg = ScreenConfig(inputs=tuple(inputs), model=model, out=out, from_list=from_list, overwrite=overwrite,
                            device=device, address=address, progress=not no_progress, group_by=group_by,
-                           pseudonym_key=key, fast_jpeg=fast_jpeg,
+                           pseudonym_key=key, fast_jpeg=fast_jpeg, worker_logs=verbose,
                            **{k: v for k, v in opts.items() if v is not None})
         summary = run(cfg)
     except RunError as e:
         click.echo(f"covidct-batch: error: {e}", err=True)
         sys.exit(EXIT_BAD_RUN)
+    except OutputError as e:
+        click.echo(f"covidct-batch: error: {e}. Every part written before is intact; free space (or fix "
+                   "OUT_DIR) and rerun the same command to resume", err=True)
+        sys.exit(EXIT_OUTPUT_FAILED)
     except KeyboardInterrupt:
         click.echo("covidct-batch: interrupted; parts already written are kept, rerun to resume", err=True)
         sys.exit(EXIT_INTERRUPTED)
     click.echo(format_summary(summary.run, out))
     sys.exit(summary.exit_code)
+
+
+def _terminated(signum, frame):
+    raise KeyboardInterrupt
 
 
 def format_summary(run: dict, out: Path) -> str:
@@ -127,25 +138,54 @@ def shift_lines(shift: dict | None) -> list[str]:
 
 def study_table(out: Path, limit: int = 15) -> list[str]:
     """The studies with the highest top-k mean, as printed lines (the rest are in studies.parquet)."""
-    import pyarrow.parquet as pq
+    from .studies import STUDIES, top_studies
 
-    path = out / "studies.parquet"
-    if not path.exists():
+    top = top_studies(out / STUDIES, limit)
+    if not top or not top["studies"]:
         return []
-    st = [r for r in pq.read_table(path).to_pylist() if r["level"] == "study"]
-    if not st:
-        return []
-    st.sort(key=lambda r: -(r["top_k_mean"] if r["top_k_mean"] is not None else -1))
     lines = [f"  {'study':<26} {'slices':>6} {'ok':>4} {'flagged':>7} {'top-k mean':>10}  decision"]
-    for r in st[:limit]:
+    for r in top["shown"]:
         name = str(r["study"])
         name = name if len(name) <= 26 else "..." + name[-23:]
         mean = f"{r['top_k_mean']:.3f}" if r["top_k_mean"] is not None else "-"
         lines.append(f"  {name:<26} {r['slices']:>6} {r['ok']:>4} {r['flagged_slices']:>7} {mean:>10}  "
                      + ("FLAGGED" if r["decision"] else "not flagged"))
-    if len(st) > limit:
-        lines.append(f"  ... {len(st) - limit} more studies in studies.parquet")
+    if top["studies"] > len(top["shown"]):
+        lines.append(f"  ... {top['studies'] - len(top['shown'])} more studies in studies.parquet")
     return lines
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("out", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--top-k", type=click.IntRange(1), default=None, help="Study rule's k (default: the run's).")
+@click.option("--group-by", default="<from run.json>",
+              help="Study grouping for non-DICOM files: 'parent', a regex, or 'none' (default: the run's).")
+@click.option("-v", "--verbose", is_flag=True)
+def report_main(out, top_k, group_by, verbose):
+    """Rebuild OUT/studies.parquet and OUT/report.html from OUT alone (its parts and run.json).
+
+    After a crash, or to change the study rule, without screening again. Exit 2 when OUT holds
+    no run.json (it is written when a run starts).
+    """
+    setup_logging(verbose)
+    from .report import RUN, build_report
+    from .studies import check_group_by
+
+    group_by = None if group_by == "none" else group_by
+    if group_by != "<from run.json>":
+        problem = check_group_by(group_by)
+        if problem:
+            click.echo(f"covidct-report: error: --group-by {group_by!r}: {problem}", err=True)
+            sys.exit(2)
+    if not (out / RUN).is_file():
+        click.echo(f"covidct-report: error: {out / RUN} does not exist: not a covidct-batch OUT_DIR", err=True)
+        sys.exit(2)
+    st = build_report(out, top_k, group_by)
+    click.echo(f"studies: {st['flagged']} flagged of {st['studies']} ({st['rule']}); "
+               f"{out / 'studies.parquet'}; {out / 'report.html'}")
+    for line in study_table(out):
+        click.echo(line)
+    click.echo(DISCLAIMER)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ becomes a row in the output, not a crash.
 from __future__ import annotations
 
 import os
+import stat
 import struct
 
 import cv2
@@ -24,31 +25,8 @@ MAX_PIXELS = 50_000_000
 #: Refuse files larger than this without reading them (no CT slice comes near it).
 MAX_FILE_BYTES = 512 * 1024 * 1024
 
-#: Reason codes. ``SKIP_CODES`` are files that are not images at all: skipped, not errors.
-EMPTY = "empty"
-TRUNCATED = "truncated"
-CORRUPT = "corrupt"
-TOO_LARGE = "too_large"
-UNSUPPORTED_PIXELS = "unsupported_pixels"
-NOT_AN_IMAGE = "not_an_image"
-UNREADABLE = "unreadable"
-MULTI_FRAME = "multi_frame"
-#: Not images at all, or not CT slices: skipped rows, not errors.
-SKIP_CODES = frozenset({NOT_AN_IMAGE, "not_ct_image", "localizer"})
-
-
-class DecodeError(Exception):
-    """A file that could not be turned into a model input; ``code`` is a stable reason."""
-
-    def __init__(self, code: str, message: str, redact: list[str] | None = None):
-        super().__init__(message)
-        self.code = code
-        self.message = message
-        self.redact = redact or []  # identifying values of the file: never written anywhere
-
-    @property
-    def skipped(self) -> bool:
-        return self.code in SKIP_CODES
+from .reasons import (CORRUPT, EMPTY, MULTI_FRAME, NOT_A_REGULAR_FILE, NOT_AN_IMAGE, SKIP_CODES,  # noqa: F401
+                      TOO_LARGE, TRUNCATED, UNREADABLE, UNSUPPORTED_PIXELS, DecodeError, file_kind)
 
 
 def sniff(head: bytes) -> str | None:
@@ -271,15 +249,36 @@ def resize(grey: np.ndarray, image_size: tuple[int, int], interpolation: str = D
 
 
 def read_file(path) -> bytes:
-    """A file's bytes; refuses files over MAX_FILE_BYTES unread. Raises DecodeError('unreadable'/'too_large')."""
+    """A regular file's bytes, at most MAX_FILE_BYTES of them.
+
+    Opened non-blocking and checked with ``fstat`` before any read, so a FIFO, socket or device
+    (named directly, listed, or behind a link) is never read from: it raises
+    ``not_a_regular_file``. Raises DecodeError('unreadable'/'too_large') otherwise.
+    """
     try:
-        with open(path, "rb") as f:
-            nbytes = os.fstat(f.fileno()).st_size
-            if nbytes > MAX_FILE_BYTES:
-                raise DecodeError(TOO_LARGE, f"file is {nbytes:,} bytes, over the {MAX_FILE_BYTES:,}-byte limit")
-            return f.read()
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOCTTY", 0) | getattr(os, "O_CLOEXEC", 0))
     except OSError as e:
         raise DecodeError(UNREADABLE, f"cannot read file: {e.strerror or e}") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise DecodeError(NOT_A_REGULAR_FILE, f"{file_kind(st.st_mode)}, not a regular file: never read")
+        if st.st_size > MAX_FILE_BYTES:
+            raise DecodeError(TOO_LARGE, f"file is {st.st_size:,} bytes, over the {MAX_FILE_BYTES:,}-byte limit")
+        chunks, total = [], 0
+        while True:  # a file that grows while read is still capped
+            b = os.read(fd, min(1 << 22, MAX_FILE_BYTES + 1 - total))
+            if not b:
+                break
+            chunks.append(b)
+            total += len(b)
+            if total > MAX_FILE_BYTES:
+                raise DecodeError(TOO_LARGE, f"file grew past the {MAX_FILE_BYTES:,}-byte limit while read")
+        return b"".join(chunks)
+    except OSError as e:
+        raise DecodeError(UNREADABLE, f"cannot read file: {e.strerror or e}") from None
+    finally:
+        os.close(fd)
 
 
 def decode_file(path, image_size, interpolation=DEFAULT_INTERPOLATION, *, window=None, preprocessing=None,

@@ -10,9 +10,12 @@ Identifying header values never leave this module except as the list used to red
 from __future__ import annotations
 
 import io
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
+
+from .reasons import CORRUPT, TOO_LARGE, TRUNCATED, DecodeError
 
 #: Transfer syntaxes and what decodes them. The project installs python-gdcm (BSD) and
 #: pylibjpeg-openjpeg (MIT); pylibjpeg-libjpeg is GPLv3 and deliberately not a dependency.
@@ -90,6 +93,14 @@ def _frame_rescale(ds, i: int) -> tuple[float, float]:
     return float(ds.get("RescaleSlope", 1.0)), float(ds.get("RescaleIntercept", 0.0))
 
 
+def _int_or_none(value) -> int | None:
+    """An optional integer header value (InstanceNumber); a malformed one is simply absent."""
+    try:
+        return int(value) if value not in (None, "") else None
+    except (TypeError, ValueError):
+        return None
+
+
 def _frame_position(ds, i: int) -> float | None:
     seq = ds.get("PerFrameFunctionalGroupsSequence")
     if seq and len(seq) > i and seq[i].get("PlanePositionSequence"):
@@ -128,23 +139,26 @@ def decode_dicom(data: bytes, window: dict, max_pixels: int) -> list[Slice]:
     import pydicom
     from pydicom.errors import InvalidDicomError
 
-    from .decode import CORRUPT, DecodeError
-
-    try:
-        ds = pydicom.dcmread(io.BytesIO(data), force=True)
-    except (InvalidDicomError, EOFError, ValueError, TypeError, KeyError, OSError) as e:
-        raise DecodeError(CORRUPT, f"unreadable DICOM header: {type(e).__name__}") from None
-    ident = identifying_values(ds)
-    try:
-        return _decode_pixels(ds, window, max_pixels, ident)
-    except DecodeError as e:
-        e.redact = ident  # the row's path must not show them either
-        raise
+    # pydicom warns about malformed values by quoting them: never on a console or in a worker's log
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            ds = pydicom.dcmread(io.BytesIO(data), force=True)
+        except (InvalidDicomError, EOFError, ValueError, TypeError, KeyError, OSError) as e:
+            raise DecodeError(CORRUPT, f"unreadable DICOM header: {type(e).__name__}") from None
+        ident = []
+        try:
+            ident = identifying_values(ds)
+            return _decode_pixels(ds, window, max_pixels, ident)
+        except DecodeError as e:
+            e.redact = ident  # the row's path must not show them either
+            raise
+        except Exception as e:  # every header value is untrusted: a bad one is this file's row alone
+            raise DecodeError(CORRUPT, f"a DICOM header value could not be used ({type(e).__name__})",
+                              ident) from None
 
 
 def _decode_pixels(ds, window: dict, max_pixels: int, ident: list[str]) -> list[Slice]:
-    from .decode import CORRUPT, TOO_LARGE, TRUNCATED, DecodeError
-
     sop_class = str(ds.get("SOPClassUID", ""))
     modality = str(ds.get("Modality", ""))
     if sop_class.startswith(NON_IMAGE_SOP_PREFIXES) or "PixelData" not in ds:
@@ -191,6 +205,6 @@ def _decode_pixels(ds, window: dict, max_pixels: int, ident: list[str]) -> list[
         slope, intercept = _frame_rescale(ds, i)
         grey = window_to_grey(hounsfield(stored, slope, intercept), float(window["level"]), float(window["width"]),
                               invert, padding)
-        out.append(Slice(grey, i, study, series, sop, int(inst) if inst not in (None, "") else None,
+        out.append(Slice(grey, i, study, series, sop, _int_or_none(inst),
                          _frame_position(ds, i), ident))
     return out

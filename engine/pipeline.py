@@ -1,14 +1,16 @@
-"""The screening pipeline on Ray.
+"""The screening run: configuration, Ray start-up, and the driver.
 
-Driver: walks the inputs lazily, skips what OUT_DIR already holds, submits batches of
-paths, and writes the small rows that come back. Decode tasks (Ray workers) read and
-decode+resize a batch with OpenCV into one uint8 array in the object store. Predictor
-actors hold the ONNX Runtime session, take that array by reference and return rows.
-Pixels never reach the driver; at most ``max_in_flight`` batches exist at once.
+The driver takes OUT_DIR's lock (``engine.lock``), walks the inputs lazily
+(``engine.sources``), skips what OUT_DIR already holds (``engine.sink.DoneIndex``), submits
+batches of paths to the Ray workers (``engine.workers``) and writes the small rows that come
+back (``engine.sink.PartWriter``); at the end it builds studies and the report
+(``engine.report.build_report``). Pixels never reach the driver; at most ``max_in_flight``
+batches exist at once.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import logging
@@ -26,20 +28,25 @@ import numpy as np
 
 from . import __version__
 from .contract import DISCLAIMER, Contract, ContractError, read_contract, sha256_file
-from .decode import MAX_PIXELS, DecodeError, decode_inputs, read_file
-from .dicom import redact
-from .predictor import ModelError, Predictor
-from .shift import STATS, Histograms, compare, slice_stats
-from .sink import PREDICTIONS, DoneIndex, PartWriter, row_key
+from .decode import MAX_PIXELS
+from .predictor import ModelError
+from .shift import STATS, Histograms, compare
+from .lock import LockedError, OutDirLock
+from .reasons import INTERNAL
+from .report import REPORT, RUN, build_report, write_json
+from .sink import PREDICTIONS, DoneIndex, KeySet, OutputError, PartWriter, row_key
+from .studies import STUDIES
 from .sources import iter_inputs
 from .stats import Progress, Reservoir
+from .workers import PredictorActor, decode_batch
 
 log = logging.getLogger(__name__)
 
 #: Exit codes of covidct-batch (documented in the README).
 EXIT_OK = 0           # every file ok or skipped
 EXIT_FILE_ERRORS = 1  # the run completed; some files are error rows
-EXIT_BAD_RUN = 2      # nothing done: bad options, no model, broken contract, Ray unreachable
+EXIT_BAD_RUN = 2      # nothing done: bad options, no model, broken contract, Ray unreachable, OUT_DIR in use
+EXIT_OUTPUT_FAILED = 3  # stopped: a part could not be written (disk full); earlier parts intact, rerun to resume
 EXIT_INTERRUPTED = 130
 
 
@@ -71,6 +78,7 @@ class ScreenConfig:
     top_k: int = 3
     object_store_mb: int = 512            # local runtime: the pipeline holds a few MB in flight
     fast_jpeg: bool = False               # half-scale JPEG decode (opt-in: not bit-equal to training's)
+    worker_logs: bool = False             # Ray workers' stdout/stderr on the console (--verbose)
 
     def __post_init__(self):
         if not self.inputs and self.from_list is None:
@@ -81,112 +89,17 @@ class ScreenConfig:
             raise RunError(f"--device must be auto, cpu or cuda; got {self.device!r}")
         if self.top_k < 1:
             raise RunError(f"--top-k must be >= 1, e.g. 3; got {self.top_k}")
-        if self.group_by not in (None, "parent"):
-            import re
-            try:
-                re.compile(self.group_by)
-            except re.error as e:
-                raise RunError(f"--group-by must be 'parent' or a regex; {self.group_by!r}: {e}") from None
+        from .studies import check_group_by
+        problem = check_group_by(self.group_by)
+        if problem:
+            raise RunError(f"--group-by must be 'parent' or a regex; {self.group_by!r}: {problem}")
+        out = os.path.realpath(self.out)
+        for p in self.inputs:
+            rp = os.path.realpath(p)
+            if rp == out or rp.startswith(out.rstrip(os.sep) + os.sep):
+                raise RunError(f"input {p} is inside OUT_DIR {self.out}: give another --out")
         if self.predictors is not None and self.predictors < 1:
             raise RunError(f"--predictors must be >= 1; got {self.predictors}")
-
-
-# --------------------------------------------------------------------------- workers
-
-def pseudonymize(uid: str, key: str | None) -> str:
-    """A keyed hash of a UID, itself a valid UID (2.25.<decimal>); the same key gives the same value."""
-    if not uid or key is None:
-        return uid
-    import hashlib
-    import hmac
-    digest = hmac.new(key.encode(), uid.encode(), hashlib.sha256).digest()[:16]
-    return "2.25." + str(int.from_bytes(digest, "big"))
-
-
-def decode_batch(items: list[tuple[str, int, int, int]], spec: dict) -> dict:
-    """Ray task: read and decode+resize each file; one uint8 (k, H, W, 1) array for the k frames that decoded.
-
-    ``items`` are (path, size, mtime_ns, key). Returns ``{"images": array, "meta": [dict, ...]}``:
-    one meta row per frame (or per failed file) in input order; rows with status "ok" map to
-    images in order. Paths and messages of DICOM rows carry no identifying header value.
-    """
-    import cv2
-
-    cv2.setNumThreads(1)  # one Ray CPU per task: OpenCV must not start a pool of its own
-    h, w = spec["image_size"]
-    images, meta = [], []
-    for path, size, mtime_ns, key in items:
-        base = {"path": path, "file_size": size, "mtime_ns": mtime_ns, "key": key}
-        t0 = time.perf_counter()
-        try:
-            data = read_file(path)
-            t1 = time.perf_counter()
-            frames = decode_inputs(data, spec["image_size"], spec["interpolation"], window=spec["window"],
-                                   preprocessing=spec["preprocessing"], max_pixels=spec["max_pixels"],
-                                   reduced_jpeg=spec["fast_jpeg"])
-            t2 = time.perf_counter()
-        except DecodeError as e:
-            meta.append({**base, "path": redact(path, e.redact), "status": "skipped" if e.skipped else "error",
-                         "reason": e.code, "message": redact(e.message, e.redact),
-                         "read_ms": (time.perf_counter() - t0) * 1e3, "decode_ms": 0.0})
-            continue
-        for img, sl, framing in frames:
-            images.append(img)
-            row = {**base, "status": "ok", "reason": None, "message": None, "read_ms": (t1 - t0) * 1e3,
-                   "decode_ms": (t2 - t1) * 1e3 / len(frames)}
-            stats = slice_stats(img, framing)  # the shift alarm's statistics: a few floats, no pixels
-            if stats is not None:
-                row.update(stats, framing=framing.fallback)
-            if sl is not None:
-                k = spec.get("pseudonym_key")
-                row.update(path=redact(path, sl.identifying), study_uid=pseudonymize(sl.study_uid, k),
-                           series_uid=pseudonymize(sl.series_uid, k), sop_uid=pseudonymize(sl.sop_uid, k),
-                           instance_number=sl.instance_number, slice_position=sl.slice_position, frame=sl.frame)
-            meta.append(row)
-    batch = np.stack(images)[..., None] if images else np.empty((0, h, w, 1), np.uint8)
-    return {"images": batch, "meta": meta}
-
-
-def thumbnail(img: np.ndarray, size: int = 96) -> bytes:
-    """A small JPEG of what the model saw, for the report's flagged studies."""
-    import cv2
-    ok, buf = cv2.imencode(".jpg", cv2.resize(img, (size, size), interpolation=cv2.INTER_AREA),
-                           [cv2.IMWRITE_JPEG_QUALITY, 80])
-    return buf.tobytes() if ok else None
-
-
-class PredictorActor:
-    """Ray actor around :class:`Predictor`: decoded batch in, result rows out."""
-
-    def __init__(self, model_path: str, threads: int, device: str, model_sha256: str, run_id: str):
-        self.predictor = Predictor(model_path, threads, device)
-        self.sha = model_sha256
-        self.run_id = run_id
-        import ray
-        self.node = ray.get_runtime_context().get_node_id()[:12]
-
-    def info(self) -> dict:
-        import socket
-        return {"provider": self.predictor.provider, "host": socket.gethostname(), "pid": os.getpid(),
-                "node": self.node}
-
-    def predict(self, decoded: dict) -> list[dict]:
-        c: Contract = self.predictor.contract
-        images, meta = decoded["images"], decoded["meta"]
-        probs, seconds = (self.predictor.predict(images) if len(images) else (np.zeros(0, np.float32), 0.0))
-        share = seconds * 1e3 / max(1, len(images))
-        rows, k = [], 0
-        for m in meta:
-            row = {**m, "threshold": c.threshold, "model_sha256": self.sha, "provider": self.predictor.provider,
-                   "run_id": self.run_id, "node": self.node}
-            if m["status"] == "ok":
-                p = float(probs[k])
-                pos = p >= c.threshold
-                row.update(probability=p, positive=pos, label=c.class_names[int(pos)], infer_ms=share,
-                           thumbnail=thumbnail(images[k, :, :, 0]) if pos else None)
-                k += 1
-            rows.append(row)
-        return rows
 
 
 # --------------------------------------------------------------------------- driver
@@ -231,7 +144,8 @@ def start_ray(cfg: ScreenConfig):
     if ray.is_initialized():  # e.g. tests that share one runtime
         return False
     check_auth_mode(cfg)
-    kwargs = dict(include_dashboard=False, log_to_driver=True, configure_logging=False)
+    # Decoders' own messages (libpng, libjpeg) go to the workers' logs, not the console: the row says it.
+    kwargs = dict(include_dashboard=False, log_to_driver=cfg.worker_logs, configure_logging=False)
     try:
         if cfg.address is None:
             # Ray's default store is 30% of RAM; its shared pages, once touched, stay in RSS, so a
@@ -297,12 +211,33 @@ def run(cfg: ScreenConfig) -> RunSummary:
     t_start = time.monotonic()
     if not Path(cfg.model).is_file():
         raise RunError(f"model {cfg.model} does not exist (export one with covidct-export)")
+    check_auth_mode(cfg)
     out = Path(cfg.out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        lock = OutDirLock(out).acquire()
+    except LockedError as e:
+        raise RunError(str(e)) from None
+    except OSError as e:
+        raise RunError(f"cannot write OUT_DIR {out}: {e.strerror or e}") from None
+    try:
+        return _locked_run(cfg, out, lock, started, t_start)
+    finally:
+        lock.release()
+
+
+def _locked_run(cfg: ScreenConfig, out: Path, lock: OutDirLock, started: float, t_start: float) -> RunSummary:
+    import ray
+
     pred_dir = out / PREDICTIONS
-    if cfg.overwrite and out.exists():
+    if cfg.overwrite:
         shutil.rmtree(pred_dir, ignore_errors=True)
-        (out / "run.json").unlink(missing_ok=True)
-    pred_dir.mkdir(parents=True, exist_ok=True)
+        for name in (RUN, STUDIES, REPORT):
+            (out / name).unlink(missing_ok=True)
+    try:
+        pred_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise RunError(f"cannot write OUT_DIR {out}: {e.strerror or e}") from None
 
     # Ray takes seconds to start: validate the model and load the resume index meanwhile.
     prep: dict = {}
@@ -315,7 +250,6 @@ def run(cfg: ScreenConfig) -> RunSummary:
         except BaseException as e:  # re-raised in the main thread
             prep["error"] = e
 
-    check_auth_mode(cfg)
     worker = threading.Thread(target=prepare, name="covidct-prepare", daemon=True)
     worker.start()
     try:
@@ -329,13 +263,13 @@ def run(cfg: ScreenConfig) -> RunSummary:
     try:
         if "error" in prep:
             raise prep["error"]
-        return _run(cfg, prep["contract"], prep["sha"], out, prep["done"], run_id, started, t_start)
+        return _run(cfg, prep["contract"], prep["sha"], out, prep["done"], run_id, started, t_start, lock)
     finally:
         if owns_ray:
             ray.shutdown()
 
 
-def _run(cfg, contract, model_sha, out, done, run_id, started, t_start) -> RunSummary:
+def _run(cfg, contract, model_sha, out, done, run_id, started, t_start, lock) -> RunSummary:
     import ray
 
     plan = plan_workers(cfg)
@@ -380,28 +314,32 @@ def _run(cfg, contract, model_sha, out, done, run_id, started, t_start) -> RunSu
     shift_hist = Histograms()  # this run's slices, in the reference's fixed bins: bounded memory
     stages = {k: Reservoir() for k in ("read_ms", "decode_ms", "infer_ms", "batch_latency_ms")}
     progress = Progress(cfg.progress)
-    seen_this_run: set[int] = set()
+    listed = KeySet()  # files named on the command line or in --from-list may be named twice
     in_flight: dict = {}  # ref -> (items, submitted monotonic)
     walked = {"total": 0, "finished": False}
     t_first_row: list[float] = []  # when the first rows came back, and how many they were
 
     def todo():
-        for item in iter_inputs(cfg.inputs, cfg.from_list):
+        for item in iter_inputs(cfg.inputs, cfg.from_list, exclude=[out]):
             walked["total"] += 1
             key = row_key(item.path, item.size, item.mtime_ns, model_sha)
             if key in done:
                 summary.already_done += 1
                 continue
-            if key in seen_this_run:
-                continue
-            seen_this_run.add(key)
-            if item.error:  # could not even be stat'ed: an error row straight from the driver
-                writer_rows([_driver_row(item, key, "unreadable", item.error, contract, model_sha, run_id)])
+            if item.listed:  # a walk yields each file once; only named files can come twice
+                if key in listed:
+                    continue
+                listed.add(key)
+            if item.error:  # not opened (special file) or could not be stat'ed: a row straight from the driver
+                writer_rows([_driver_row(item, key, item.reason, item.error, contract, model_sha, run_id,
+                                         "skipped" if item.skipped else "error")])
                 continue
             yield item, key
         walked["finished"] = True
 
     def writer_rows(rows):
+        if lock.lost.is_set():
+            raise OutputError("the lock of OUT_DIR was taken by another run; this run stopped writing")
         writer.add(rows)
         for r in rows:
             summary.counts[r["status"]] += 1
@@ -424,7 +362,7 @@ def _run(cfg, contract, model_sha, out, done, run_id, started, t_start) -> RunSu
                 rows = ray.get(ref)
             except (ray.exceptions.RayError) as e:  # task/actor died beyond retries: rows, not loss
                 msg = type(e).__name__  # its text may quote a path: keep identifiers out of the output
-                rows = [_driver_row(it, key, "internal", f"worker failed ({msg}); rerun to retry", contract,
+                rows = [_driver_row(it, key, INTERNAL, f"worker failed ({msg}); rerun to retry", contract,
                                     model_sha, run_id) for it, key in items]
             stages["batch_latency_ms"].add(((time.monotonic() - t_sub) * 1e3,))
             writer_rows(rows)
@@ -434,19 +372,31 @@ def _run(cfg, contract, model_sha, out, done, run_id, started, t_start) -> RunSu
         total = walked["total"] - summary.already_done if walked["finished"] else None
         progress.update(sum(summary.counts.values()), total, summary.counts["error"])
 
+    def record(state: str) -> dict:
+        return {"state": state, **_run_record(cfg, contract, model_sha, run_id, plan, providers, summary, stages,
+                                              started, writer, t_start)}
+
+    write_json(out / RUN, record("running"))  # covidct-report can rebuild from OUT_DIR even if this run dies
     next_actor = 0
-    for batch in _first_small(_chunks(todo(), cfg.batch_size)):
-        while len(in_flight) >= plan["max_in_flight"]:
-            drain(1)
-        dref = decode.remote([(i.path, i.size, i.mtime_ns, key) for i, key in batch], spec_ref)
-        ref = actors[next_actor % len(actors)].predict.remote(dref)
-        next_actor += 1
-        in_flight[ref] = (batch, time.monotonic())
-        del dref  # the actor call holds the only reference: the batch is freed once predicted
-    while in_flight:
-        drain(len(in_flight))
-    predictors_ready()
-    writer.flush()
+    try:
+        for batch in _first_small(_chunks(todo(), cfg.batch_size)):
+            while len(in_flight) >= plan["max_in_flight"]:
+                drain(1)
+            dref = decode.remote([(i.path, i.size, i.mtime_ns, key) for i, key in batch], spec_ref)
+            ref = actors[next_actor % len(actors)].predict.remote(dref)
+            next_actor += 1
+            in_flight[ref] = (batch, time.monotonic())
+            del dref  # the actor call holds the only reference: the batch is freed once predicted
+        while in_flight:
+            drain(len(in_flight))
+        predictors_ready()
+        writer.flush()
+    except (OutputError, KeyboardInterrupt) as e:
+        progress.update(sum(summary.counts.values()), None, summary.counts["error"], force=True)
+        with contextlib.suppress(OSError):  # the disk may be full: the record is best effort
+            write_json(out / RUN, record("stopped: output not written" if isinstance(e, OutputError)
+                                         else "interrupted"))
+        raise
     progress.update(sum(summary.counts.values()), walked["total"] - summary.already_done, summary.counts["error"],
                     force=True)
 
@@ -457,32 +407,17 @@ def _run(cfg, contract, model_sha, out, done, run_id, started, t_start) -> RunSu
     if t_first_row and n - t_first_row[1] >= 100 and t_end > t_first_row[0]:  # too few rows: no steady state
         summary.steady_images_per_s = (n - t_first_row[1]) / (t_end - t_first_row[0])
     summary.exit_code = EXIT_FILE_ERRORS if summary.counts["error"] else EXIT_OK
-    summary.run = _run_record(cfg, contract, model_sha, run_id, plan, providers, summary, stages, started,
-                              writer, t_start)
+    summary.run = record("complete")
     summary.run["shift"] = compare(contract.reference, shift_hist)
     summary.run["shift"]["scope"] = "the slices predicted by this run"
-    from .report import write_report
-    from .studies import build_studies, current_rows
-
-    rows = current_rows(out, model_sha)  # read the parts once for studies and report
-    studies = build_studies(out, rows, contract.threshold, cfg.top_k, cfg.group_by, contract.reference)
-    summary.run["studies"] = {"studies": sum(1 for v in studies.column("level").to_pylist() if v == "study"),
-                              "flagged": sum(1 for lv, d in zip(studies.column("level").to_pylist(),
-                                                                 studies.column("decision").to_pylist())
-                                             if lv == "study" and d),
-                              "rule": f"mean of the top {cfg.top_k} slice probabilities >= threshold",
-                              "shifted": sum(1 for lv, v in zip(studies.column("level").to_pylist(),
-                                                                studies.column("shift_verdict").to_pylist())
-                                             if lv == "study" and v and v.startswith("shifted"))}
-    tmp = out / "run.json.tmp"
-    tmp.write_text(json.dumps(summary.run, indent=2, default=str))
-    os.replace(tmp, out / "run.json")
-    write_report(out, summary.run, rows, cfg.group_by)
+    write_json(out / RUN, summary.run)
+    summary.run["studies"] = build_report(out, cfg.top_k, cfg.group_by)
     return summary
 
 
-def _driver_row(item, key: int, reason: str, message: str, contract: Contract, model_sha: str, run_id: str) -> dict:
-    return {"path": item.path, "key": key, "status": "error", "reason": reason, "message": message,
+def _driver_row(item, key: int, reason: str, message: str, contract: Contract, model_sha: str, run_id: str,
+                status: str = "error") -> dict:
+    return {"path": item.path, "key": key, "status": status, "reason": reason, "message": message,
             "threshold": contract.threshold, "model_sha256": model_sha, "provider": None,
             "file_size": item.size if item.size >= 0 else None,
             "mtime_ns": item.mtime_ns if item.mtime_ns >= 0 else None, "run_id": run_id}
@@ -523,5 +458,5 @@ def _run_record(cfg, contract, model_sha, run_id, plan, providers, summary, stag
     }
 
 
-__all__ = ["ScreenConfig", "run", "RunError", "ModelError", "RunSummary", "decode_batch", "PredictorActor",
-           "EXIT_OK", "EXIT_FILE_ERRORS", "EXIT_BAD_RUN"]
+__all__ = ["ScreenConfig", "run", "RunError", "OutputError", "ModelError", "RunSummary", "decode_batch",
+           "PredictorActor", "EXIT_OK", "EXIT_FILE_ERRORS", "EXIT_BAD_RUN", "EXIT_OUTPUT_FAILED"]

@@ -8,13 +8,12 @@ import os
 from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
 
 from .contract import DISCLAIMER
-from .sink import PREDICTIONS
-from .studies import STUDIES
+from .studies import STUDIES, top_studies
 
 REPORT = "report.html"
+RUN = "run.json"
 MAX_FLAGGED = 200  # studies shown with thumbnails; the rest are counted
 
 
@@ -22,8 +21,9 @@ def _esc(v) -> str:
     return html.escape("" if v is None else str(v))
 
 
-def histogram_svg(probs: np.ndarray, threshold: float, bins: int = 20, w: int = 560, h: int = 180) -> str:
-    counts, _ = np.histogram(probs, bins=bins, range=(0.0, 1.0))
+def histogram_svg(counts: np.ndarray, threshold: float, w: int = 560, h: int = 180) -> str:
+    """An SVG bar chart of slice-probability counts in equal bins over [0, 1]."""
+    bins = len(counts)
     top = max(1, int(counts.max()) if len(counts) else 1)
     bw = w / bins
     bars = "".join(
@@ -73,16 +73,22 @@ def calibration_note(cal: dict | None) -> str:
             f'<code>{_esc(str(cal.get("original_sha256"))[:16])}</code>.</p>')
 
 
-def write_report(out: Path, run: dict, rows, group_by: str | None = None) -> Path:
-    """Render the report from run.json's record, the current rows (``studies.current_rows``),
-    studies.parquet and the thumbnails in the prediction parts."""
+def state_note(state: str | None) -> str:
+    if state in (None, "complete"):
+        return ""
+    return (f'<p class="warn" id="state">This run did not finish ({_esc(state)}): rows written before it stopped '
+            "are counted below; rerun the same command to screen the rest.</p>")
+
+
+def write_report(out: Path, run: dict, rows) -> Path:
+    """Render the report from run.json's record, the current rows (a ``studies.Rows``),
+    studies.parquet and the thumbnails of the studies shown. Memory does not grow with rows:
+    every figure is a query, and at most MAX_FLAGGED studies are read from studies.parquet."""
     out = Path(out)
     sha = run["model"]["sha256"]
     thr = float(run["model"]["contract"]["threshold"])
-    probs = rows.probability.dropna().to_numpy(np.float64) if len(rows) else np.zeros(0)
-    studies = pq.read_table(out / STUDIES).to_pandas() if (out / STUDIES).exists() else None
     c = run["counts"]
-    status = rows.status.value_counts().to_dict() if len(rows) else {}
+    status = rows.status_counts()
 
     parts = [f"""<!doctype html><html lang="en"><head><meta charset="utf-8">
 <title>covidct-batch report {_esc(run['run_id'])}</title>
@@ -99,44 +105,43 @@ table{{border-collapse:collapse;margin:.5em 0}}td,th{{border:1px solid #ccc;padd
 <p>Run <code>{_esc(run['run_id'])}</code>, {_esc(run['started'])} to {_esc(run['ended'])}. Model sha256
 <code>{_esc(sha[:16])}</code>, positive class <b>{_esc(run['model']['contract']['positive_class'])}</b>,
 threshold {thr:.4f}, provider {_esc(', '.join(run['execution_providers']))}.</p>
+{state_note(run.get("state"))}
 <h2>Counts</h2><table id="counts"><tr><th>files/slices in OUT_DIR</th><th>number</th></tr>"""]
     for k in ("ok", "error", "skipped"):
         parts.append(f"<tr><td>{k}</td><td class='n-{k}'>{int(status.get(k, 0))}</td></tr>")
-    for label, n in sorted(rows[rows.status == "ok"].positive.map({True: "flagged", False: "not flagged"})
-                           .value_counts().items() if len(rows) else []):
+    for label, n in sorted(rows.flagged_counts().items()):
         parts.append(f"<tr><td>ok, {label}</td><td>{int(n)}</td></tr>")
     parts.append(f"<tr><td>this run: new / already done</td><td>{c['ok'] + c['error'] + c['skipped']} / "
                  f"{c['already_done']}</td></tr></table>")
-    parts.append("<h2>Slice probabilities</h2>" + histogram_svg(probs, thr))
+    parts.append("<h2>Slice probabilities</h2>" + histogram_svg(rows.probability_histogram(), thr))
 
     parts.append("<h2>Flagged studies</h2>")
-    if studies is not None and len(studies):
-        st = studies[studies.level == "study"]
-        flagged = st[st.decision].sort_values("top_k_mean", ascending=False)
-        parts.append(f"<p>{len(flagged)} of {len(st)} studies flagged (mean of the top {int(st.top_k.iloc[0])} "
+    st = _studies(out)
+    if st is not None and st["studies"]:
+        flagged = st["shown"]
+        parts.append(f"<p>{st['flagged']} of {st['studies']} studies flagged (mean of the top {st['top_k']} "
                      f"slice probabilities &ge; threshold).</p>")
         parts.append('<table id="flagged"><tr><th>study</th><th>slices ok/total</th><th>flagged slices</th>'
                      "<th>top-k mean</th><th>max</th><th>shift</th><th>top slices</th></tr>")
-        thumbs = _thumbnails(out, sha, group_by)
-        for _, s in flagged.head(MAX_FLAGGED).iterrows():
+        thumbs = rows.thumbnails([s["study"] for s in flagged])
+        for s in flagged:
             imgs = "".join(
                 f'<img alt="slice p={p:.3f}" title="p={p:.3f}" width="96" height="96" '
                 f'src="data:image/jpeg;base64,{base64.b64encode(b).decode()}">'
-                for p, b in thumbs.get(s.study, [])[:3])
-            parts.append(f"<tr><td><code>{_esc(s.study)}</code></td><td>{s.ok}/{s.slices}</td>"
-                         f"<td>{s.flagged_slices}</td><td class='flag'>{s.top_k_mean:.3f}</td>"
-                         f"<td>{s.max_probability:.3f}</td><td>{_esc(s.get('shift_verdict'))}</td>"
+                for p, b in thumbs.get(s["study"], [])[:3])
+            parts.append(f"<tr><td><code>{_esc(s['study'])}</code></td><td>{s['ok']}/{s['slices']}</td>"
+                         f"<td>{s['flagged_slices']}</td><td class='flag'>{s['top_k_mean']:.3f}</td>"
+                         f"<td>{s['max_probability']:.3f}</td><td>{_esc(s.get('shift_verdict'))}</td>"
                          f"<td class='thumbs'>{imgs}</td></tr>")
         parts.append("</table>")
-        if len(flagged) > MAX_FLAGGED:
-            parts.append(f"<p>{len(flagged) - MAX_FLAGGED} more flagged studies are in studies.parquet.</p>")
+        if st["flagged"] > len(flagged):
+            parts.append(f"<p>{st['flagged'] - len(flagged)} more flagged studies are in studies.parquet.</p>")
     else:
         parts.append("<p>No study grouping (DICOM UIDs or --group-by) for these inputs.</p>")
 
     parts.append('<h2>Errors and skips</h2><table id="reasons"><tr><th>status</th><th>reason</th><th>number</th></tr>')
-    if len(rows):
-        for (st_, reason), n in rows[rows.status != "ok"].groupby(["status", "reason"]).size().items():
-            parts.append(f"<tr><td>{_esc(st_)}</td><td>{_esc(reason)}</td><td>{int(n)}</td></tr>")
+    for st_, reason, n in rows.reasons():
+        parts.append(f"<tr><td>{_esc(st_)}</td><td>{_esc(reason)}</td><td>{int(n)}</td></tr>")
     parts.append("</table>")
     lat = run["latency_ms"]
     parts.append(f"<h2>Throughput and latency</h2><p id='throughput'>{run['images_per_s']:.1f} images/s end to end"
@@ -152,22 +157,39 @@ threshold {thr:.4f}, provider {_esc(', '.join(run['execution_providers']))}.</p>
     return out / REPORT
 
 
-def _thumbnails(out: Path, sha: str, group_by: str | None) -> dict[str, list[tuple[float, bytes]]]:
-    """The three most probable slices' thumbnails per study (DICOM study UID, or the --group-by key)."""
-    from .studies import group_key
-    best: dict[str, list[tuple[float, bytes]]] = {}
-    for part in sorted((out / PREDICTIONS).glob("part-*.parquet")):
-        t = pq.read_table(part, columns=["path", "study_uid", "probability", "thumbnail", "model_sha256"])
-        d = t.filter(t["thumbnail"].is_valid()).to_pydict()
-        for path, study, p, b, h in zip(d["path"], d["study_uid"], d["probability"], d["thumbnail"],
-                                         d["model_sha256"]):
-            if h != sha:
-                continue
-            key = study if study is not None else group_key(path, group_by)
-            if key is None:
-                continue
-            lst = best.setdefault(key, [])
-            lst.append((p, b))
-            lst.sort(key=lambda x: -x[0])
-            del lst[3:]
-    return best
+def _studies(out: Path) -> dict | None:
+    return top_studies(out / STUDIES, MAX_FLAGGED, flagged_only=True)
+
+
+def build_report(out: Path, top_k: int | None = None, group_by: str | None = "<from run.json>") -> dict:
+    """studies.parquet and report.html from OUT_DIR alone (its parts and run.json); updates run.json.
+
+    ``top_k`` and ``group_by`` default to the run's own; covidct-batch calls this at the end of a
+    run, covidct-report after a crash or to change the rule without screening again.
+    Returns run.json's ``studies`` entry."""
+    import json
+
+    from .studies import Rows
+
+    out = Path(out)
+    run = json.loads((out / RUN).read_text())
+    cfg = run.get("config", {})
+    top_k = int(top_k if top_k is not None else cfg.get("top_k", 3))
+    group_by = cfg.get("group_by") if group_by == "<from run.json>" else group_by
+    contract = run["model"]["contract"]
+    with Rows(out, run["model"]["sha256"], group_by) as rows:
+        counts = rows.build_studies(float(contract["threshold"]), top_k, contract.get("reference"))
+        run["studies"] = {**counts, "rule": f"mean of the top {top_k} slice probabilities >= threshold",
+                          "group_by": group_by}
+        write_json(out / RUN, run)
+        write_report(out, run, rows)
+    return run["studies"]
+
+
+def write_json(path: Path, record: dict) -> None:
+    """``record`` as JSON, atomically (temporary file, rename)."""
+    import json
+
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(record, indent=2, default=str))
+    os.replace(tmp, path)

@@ -12,6 +12,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from .reasons import INTERNAL, RETRY_CODES
+
 log = logging.getLogger(__name__)
 
 PREDICTIONS = "predictions"
@@ -50,8 +52,46 @@ SCHEMA = pa.schema([
     ("lung_fraction", pa.float32()),  # share of the body in the lung fields
     ("input_mean", pa.float32()),   # mean of the model's input inside the body
     ("input_detail", pa.float32()),  # mean |Laplacian| of the model's input (resolution, blur, noise)
+    # The exact file name when it is not UTF-8 (``path`` then shows its bytes as \\xNN escapes); null otherwise.
+    ("path_bytes", pa.binary()),
 ])
 COLUMNS = SCHEMA.names
+_STRINGS = [f.name for f in SCHEMA if pa.types.is_string(f.type)]
+
+
+class OutputError(RuntimeError):
+    """A part could not be written (disk full, permissions): the run stops, earlier parts intact."""
+
+
+def readable(text: str) -> str:
+    """``text`` as valid UTF-8: bytes of a name that is not UTF-8 (surrogate escapes) become \\xNN."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        pass
+    try:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:  # lone surrogates that are not escapes of bytes
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def clean_row(row: dict) -> dict:
+    """The row with every text valid UTF-8; a path that was not keeps its exact bytes in ``path_bytes``."""
+    for c in _STRINGS:
+        v = row.get(c)
+        if isinstance(v, str):
+            r = readable(v)
+            if r is not v:
+                if c == "path":
+                    row["path_bytes"] = os.fsencode(v)
+                row[c] = r
+    return row
+
+
+def exact_path(path: str, path_bytes: bytes | None) -> bytes:
+    """The file name on disk of a row (README: how to get the exact path back)."""
+    return path_bytes if path_bytes is not None else path.encode("utf-8")
 
 
 def row_key(path: str, size: int, mtime_ns: int, model_sha256: str) -> int:
@@ -76,15 +116,42 @@ class DoneIndex:
 
     @classmethod
     def load(cls, pred_dir: Path, model_sha256: str) -> "DoneIndex":
-        keys = []
+        """Keys of this model's rows, read column-wise (8 bytes per row, no Python object per row).
+
+        Rows whose cause may have gone (``RETRY_CODES``: a worker that died beyond Ray's
+        retries) are not done: the next run tries them again."""
+        import pyarrow.compute as pc
+
+        chunks = []
         for part in sorted(Path(pred_dir).glob("part-*.parquet")):
             t = pq.read_table(part, columns=["key", "model_sha256", "reason"])
-            for batch in t.to_batches(65536):
-                d = batch.to_pydict()
-                # a worker that died beyond Ray's retries ("internal") is retried by the next run
-                keys.extend(k for k, h, r in zip(d["key"], d["model_sha256"], d["reason"])
-                            if h == model_sha256 and r != "internal")
-        return cls(np.asarray(keys, np.int64))
+            keep = pc.and_(pc.equal(t["model_sha256"], model_sha256),
+                           pc.invert(pc.fill_null(pc.is_in(t["reason"], pa.array(sorted(RETRY_CODES))), False)))
+            chunks.append(np.unique(t["key"].filter(keep).to_numpy()))
+        return cls(np.concatenate(chunks) if chunks else np.zeros(0, np.int64))
+
+
+class KeySet:
+    """A set of int64 keys at 8 bytes each (sorted array plus a small unsorted buffer)."""
+
+    def __init__(self, buffer: int = 65536):
+        self._sorted = np.zeros(0, np.int64)
+        self._buf: list[int] = []
+        self._set: set[int] = set()
+        self._cap = buffer
+
+    def add(self, key: int) -> None:
+        self._buf.append(key)
+        self._set.add(key)
+        if len(self._buf) >= self._cap:
+            self._sorted = np.union1d(self._sorted, np.asarray(self._buf, np.int64))
+            self._buf, self._set = [], set()
+
+    def __contains__(self, key: int) -> bool:
+        if key in self._set:
+            return True
+        i = np.searchsorted(self._sorted, key)
+        return bool(i < len(self._sorted) and self._sorted[i] == key)
 
 
 class PartWriter:
@@ -112,6 +179,7 @@ class PartWriter:
 
     def add(self, rows: list[dict]) -> None:
         for row in rows:
+            clean_row(row)
             for c in COLUMNS:
                 self._buf[c].append(row.get(c))
         self._n += len(rows)
@@ -120,17 +188,25 @@ class PartWriter:
             self.flush()
 
     def flush(self) -> None:
+        """Write the buffered rows as one part. Raises OutputError when the part cannot be written."""
         if not self._n:
             return
-        table = pa.Table.from_pydict(self._buf, schema=SCHEMA)
+        table = self._table()
         final = self.dir / f"part-{self.run_id}-{self._seq:05d}.parquet"
         tmp = final.with_name(final.name + ".tmp")
-        with open(tmp, "wb") as f:
-            pq.write_table(table, f, compression="zstd")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, final)
-        _fsync_dir(self.dir)
+        try:
+            with open(tmp, "wb") as f:
+                pq.write_table(table, f, compression="zstd")
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, final)
+            _fsync_dir(self.dir)
+        except OSError as e:
+            try:
+                tmp.unlink(missing_ok=True)
+            except OSError:
+                pass
+            raise OutputError(f"cannot write {final.name} in {self.dir}: {e.strerror or e}") from None
         if self.first_write_at is None:
             self.first_write_at = time.time()
         self.rows_written += self._n
@@ -138,6 +214,28 @@ class PartWriter:
         self._buf = {c: [] for c in COLUMNS}
         self._n = 0
         self._last = time.monotonic()
+
+    def _table(self) -> pa.Table:
+        """The buffer as a table; a row that does not fit the schema becomes an ``internal`` row alone."""
+        try:
+            return pa.Table.from_pydict(self._buf, schema=SCHEMA)
+        except (pa.ArrowException, TypeError, ValueError, OverflowError):
+            pass
+        rows = []
+        for i in range(self._n):
+            row = {c: self._buf[c][i] for c in COLUMNS}
+            try:
+                pa.Table.from_pylist([row], schema=SCHEMA)
+            except (pa.ArrowException, TypeError, ValueError, OverflowError) as e:
+                log.error("a row could not be written (%s); it is kept as an internal error row", type(e).__name__)
+                row = {c: None for c in COLUMNS} | {
+                    k: row.get(k) if isinstance(row.get(k), t) else None
+                    for k, t in (("path", str), ("key", int), ("model_sha256", str), ("run_id", str),
+                                 ("path_bytes", bytes))}
+                row.update(status="error", reason=INTERNAL,
+                           message=f"the row could not be written ({type(e).__name__}); rerun to retry")
+            rows.append(row)
+        return pa.Table.from_pylist(rows, schema=SCHEMA)
 
 
 def _fsync_dir(path: Path) -> None:

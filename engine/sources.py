@@ -7,36 +7,65 @@ before the walk ends.
 
 from __future__ import annotations
 
+import dataclasses
+import errno
 import os
+import stat
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from .reasons import NOT_A_REGULAR_FILE, UNREADABLE, file_kind
+
 
 @dataclass(frozen=True, slots=True)
 class Item:
-    """One input file as the driver sees it: a path and its stat, no pixels."""
+    """One input file as the driver sees it: a path and its stat, no pixels.
+
+    ``path`` is what ``os`` gives: a str whose undecodable bytes (a name that is not UTF-8)
+    are surrogate escapes; ``os.fsencode(path)`` is the exact name on disk.
+    """
 
     path: str
     size: int     # -1 when the file could not be stat'ed
     mtime_ns: int  # -1 likewise
-    error: str = ""  # why it could not be stat'ed
+    error: str = ""  # why it gets a row without being read (empty: read it)
+    reason: str = UNREADABLE
+    skipped: bool = False
+    listed: bool = False  # named on the command line or in --from-list (may be named twice)
 
 
 def _stat_item(path: str, entry: os.DirEntry | None = None) -> Item:
+    """Stat ``path`` (following links) and decide whether it may be opened at all."""
+    if entry is None:
+        return dataclasses.replace(_stat(path, None), listed=True)
+    return _stat(path, entry)
+
+
+def _stat(path: str, entry: os.DirEntry | None) -> Item:
     try:
         st = entry.stat() if entry is not None else os.stat(path)
     except OSError as e:
+        link = entry.is_symlink() if entry is not None else os.path.islink(path)
+        if link and e.errno in (errno.ENOENT, errno.ELOOP, errno.ENOTDIR):
+            return Item(path, -1, -1, "dangling symbolic link")
         return Item(path, -1, -1, e.strerror or str(e))
+    if not stat.S_ISREG(st.st_mode):
+        link = entry.is_symlink() if entry is not None else os.path.islink(path)
+        what = file_kind(st.st_mode)
+        msg = (f"symbolic link to a {what}" if link else what) + ": not a regular file, never opened"
+        return Item(path, -1, -1, msg, NOT_A_REGULAR_FILE, skipped=True)
     return Item(path, st.st_size, st.st_mtime_ns)
 
 
-def walk(root: str) -> Iterator[Item]:
+def walk(root: str, exclude: frozenset[tuple[int, int]] = frozenset()) -> Iterator[Item]:
     """Files under ``root``, depth first, each yielded as ``os.scandir`` sees it.
 
     Only sub-folder names are kept (sorted, for a stable order between runs); a folder with
     millions of files is streamed, never listed in memory. Symbolic links to files are
-    followed; links to folders are not (no cycles).
+    followed; links to folders are not (no cycles). Folders whose (device, inode) is in
+    ``exclude`` (OUT_DIR) are never entered. FIFOs, sockets and devices are yielded as
+    skipped items without being opened.
     """
     stack = [root]
     while stack:
@@ -47,11 +76,8 @@ def walk(root: str) -> Iterator[Item]:
                 for entry in it:
                     try:
                         if entry.is_dir(follow_symlinks=False):
-                            subdirs.append(entry.path)
-                            continue
-                        if not entry.is_file():  # sockets, fifos, dangling links
-                            if entry.is_symlink():
-                                yield Item(entry.path, -1, -1, "dangling symbolic link")
+                            if not exclude or _ident(entry.stat(follow_symlinks=False)) not in exclude:
+                                subdirs.append(entry.path)
                             continue
                     except OSError as e:
                         yield Item(entry.path, -1, -1, e.strerror or str(e))
@@ -63,29 +89,35 @@ def walk(root: str) -> Iterator[Item]:
         stack.extend(sorted(subdirs, reverse=True))
 
 
+def _ident(st: os.stat_result) -> tuple[int, int]:
+    return st.st_dev, st.st_ino
+
+
 def _nested(path: str, roots: list[str]) -> bool:
     return any(path != r and path.startswith(r.rstrip(os.sep) + os.sep) for r in roots)
 
 
-def iter_inputs(inputs: Iterable[str | Path], from_list: str | Path | None = None) -> Iterator[Item]:
-    """Every input file once: each INPUT (folder or file), then each line of ``from_list``.
+def iter_inputs(inputs: Iterable[str | Path], from_list: str | Path | None = None,
+                exclude: Iterable[str | Path] = ()) -> Iterator[Item]:
+    """Every input file: each INPUT (folder or file), then each line of ``from_list``.
 
     Paths are made absolute so that rows stay comparable across runs from other folders.
-    A folder nested inside another INPUT is not walked twice.
+    A folder nested inside another INPUT is not walked twice, and folders in ``exclude``
+    (OUT_DIR) are never walked. A file named twice (on the command line or in the list) is
+    yielded each time: the driver's resume check keeps the second from being predicted.
     """
     paths = [os.path.abspath(p) for p in inputs]
     dirs = [p for p in paths if os.path.isdir(p)]
-    seen_files: set[str] = set()
+    skip = frozenset(_ident(os.stat(p)) for p in exclude if os.path.isdir(p))
     for p in paths:
         if os.path.isdir(p):
             if not _nested(p, dirs):
-                yield from walk(p)
-        elif not _nested(p, dirs) and p not in seen_files:
-            seen_files.add(p)
+                yield from walk(p, skip)
+        elif not _nested(p, dirs):
             yield _stat_item(p)
     if from_list is not None:
-        with open(from_list, encoding="utf-8") as f:
-            for line in f:
-                line = line.rstrip("\n\r")
+        with open(from_list, "rb") as f:  # names are bytes: a list may hold names that are not UTF-8
+            for raw in f:
+                line = os.fsdecode(raw.rstrip(b"\n\r"))
                 if line.strip():
                     yield _stat_item(os.path.abspath(line))

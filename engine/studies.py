@@ -4,104 +4,256 @@ Rule (documented in the README): a study or series is flagged when the mean of i
 slice probabilities is at or above the model's threshold (k = --top-k, default 3; fewer
 slices use all). DICOM rows group by StudyInstanceUID / SeriesInstanceUID; other rows by
 ``--group-by`` (``parent`` folder, or a regex whose first group or match names the study).
+
+Everything here runs out of core in embedded DuckDB, straight from the Parquet parts, under
+a fixed memory limit (spilling to OUT_DIR/.covidct-tmp): the memory of a report does not
+grow with the number of rows, and a hospital's year of slices fits as well as a sample.
 """
 
 from __future__ import annotations
 
 import os
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .shift import STATS, Histograms, compare
-from .sink import PREDICTIONS
+from .shift import PROBABILITY_BINS, STATS, Histograms, compare
+from .sink import PREDICTIONS, SCHEMA as ROW_SCHEMA
 
 STUDIES = "studies.parquet"
-COLUMNS = ["path", "status", "reason", "probability", "positive", "threshold", "model_sha256", "run_id", "key",
-           "study_uid", "series_uid", "sop_uid", "frame"]
+TMP = ".covidct-tmp"
+MEMORY_LIMIT = "256MB"  # DuckDB's buffer pool; sorts and windows beyond it spill to disk
+ROWS_PER_PASS = 1_000_000  # studies are aggregated in hash partitions of about this many rows
+
+#: Columns of the current rows (no thumbnails: they are read only for the studies shown).
+_CURRENT = ["path", "path_bytes", "status", "reason", "probability", "positive", "key", "study_uid", "series_uid",
+            "sop_uid", "frame", "run_id", *STATS]
 
 
-def current_rows(out: Path, model_sha256: str):
-    """The newest row per (file, SOP instance, frame) for this model, as a pandas DataFrame."""
-    import pandas as pd
-
-    parts = sorted((Path(out) / PREDICTIONS).glob("part-*.parquet"))
-    if not parts:
-        return pd.DataFrame(columns=COLUMNS + list(STATS))
-    frames = []
-    for p in parts:  # parts written before the shift statistics existed have no such columns
-        have = set(pq.read_schema(p).names)
-        frames.append(pq.read_table(p, columns=COLUMNS + [c for c in STATS if c in have]).to_pandas())
-    df = pd.concat(frames, ignore_index=True)
-    for c in STATS:
-        if c not in df:
-            df[c] = np.nan
-    df = df[df.model_sha256 == model_sha256]
-    df["frame"] = df["frame"].fillna(-1)
-    # redacted DICOM paths can coincide (same patient, same file name on two dates): the SOP UID tells them apart
-    ident = df["sop_uid"].fillna("")
-    return df.assign(_id=ident).sort_values("run_id").drop_duplicates(["path", "_id", "frame"], keep="last") \
-        .drop(columns="_id")
-
-
-def group_key(path: str, group_by: str | None) -> str | None:
+def group_sql(group_by: str | None) -> str:
+    """SQL expression naming the study of a non-DICOM row (NULL: no study)."""
     if group_by is None:
-        return None
+        return "NULL"
     if group_by == "parent":
-        return os.path.dirname(path)
-    m = re.search(group_by, path)
-    return (m.group(1) if m.groups() else m.group(0)) if m else None
+        return r"nullif(regexp_extract(path, '^(.*)/[^/]*$', 1), '')"
+    pattern = group_by.replace("'", "''")
+    return f"nullif(regexp_extract(path, '{pattern}', {1 if re.compile(group_by).groups else 0}), '')"
 
 
-def group_shift(reference: dict | None, ok) -> dict:
-    """The shift alarm over one group's ok rows (``current_rows`` columns)."""
-    hist = Histograms()
-    values = ok[list(STATS)].to_numpy(np.float64)
-    for row, p in zip(values, ok.probability.to_numpy(np.float64)):
-        hist.add(None if np.isnan(row[-1]) else dict(zip(STATS, row)), p)
-    return compare(reference, hist)
+def check_group_by(group_by: str | None) -> str | None:
+    """Why ``group_by`` cannot be used (Python's and DuckDB's (RE2) regex dialects), or None."""
+    if group_by in (None, "parent"):
+        return None
+    try:
+        re.compile(group_by)
+        import duckdb
+        duckdb.connect().execute(f"SELECT {group_sql(group_by)} FROM (SELECT 'a/b' AS path)").fetchall()
+    except Exception as e:  # re.error, duckdb.Error
+        return str(e).splitlines()[0]
+    return None
 
 
-def build_studies(out: Path, rows, threshold: float, top_k: int = 3, group_by: str | None = None,
-                  reference: dict | None = None) -> pa.Table:
-    """One row per series and per study from ``current_rows``; written to OUT_DIR/studies.parquet atomically.
+class Rows:
+    """The current rows of one model in an OUT_DIR: the newest row per (file, SOP instance, frame).
 
-    Each carries the shift alarm over its own slices against the model's ``reference``."""
-    df = rows.copy()
-    if len(df):
-        other = df.study_uid.isna()
-        df.loc[other, "study_uid"] = [group_key(p, group_by) for p in df.loc[other, "path"]]
-        df.loc[other, "series_uid"] = df.loc[other, "study_uid"]
-        df = df[df.study_uid.notna()]
-    records = []
-    for level, keys in (("study", ["study_uid"]), ("series", ["study_uid", "series_uid"])):
-        for key, g in (df.groupby(keys, sort=True) if len(df) else []):
-            key = key if isinstance(key, tuple) else (key,)
-            ok = g[g.status == "ok"]
-            probs = np.sort(ok.probability.to_numpy(np.float64))[::-1]
-            topk = float(probs[:top_k].mean()) if len(probs) else None
-            top = ok.loc[ok.probability.idxmax()] if len(ok) else None
-            shift = group_shift(reference, ok)
-            records.append({
-                "level": level, "study": key[0], "series": key[1] if level == "series" else None,
-                "slices": int(len(g)), "ok": int(len(ok)), "errored": int((g.status == "error").sum()),
-                "skipped": int((g.status == "skipped").sum()), "flagged_slices": int(ok.positive.sum()),
-                "max_probability": float(probs[0]) if len(probs) else None, "top_k": top_k,
-                "top_k_mean": topk, "threshold": threshold,
-                "decision": bool(topk is not None and topk >= threshold),
-                "top_slice_path": None if top is None else top.path,
-                "top_slice_sop_uid": None if top is None or not isinstance(top.sop_uid, str) else top.sop_uid,
-                "top_slice_frame": None if top is None or top.frame < 0 else int(top.frame),
-                "shift_score": shift["score"], "shift_verdict": shift["verdict"],
-            })
-    table = pa.Table.from_pylist(records, schema=SCHEMA)
-    tmp = Path(out) / (STUDIES + ".tmp")
-    pq.write_table(table, tmp)
-    os.replace(tmp, Path(out) / STUDIES)
-    return table
+    A DuckDB temporary table built once from the parts; every study, count and histogram of the
+    report is a query over it. Close it (or use ``with``) to free its spill files.
+    """
+
+    def __init__(self, out: Path, model_sha256: str, group_by: str | None = None, threads: int | None = None,
+                 memory_limit: str = MEMORY_LIMIT):
+        import duckdb
+
+        self.out = Path(out)
+        self.sha = model_sha256
+        self.group_by = group_by
+        self.tmp = self.out / TMP
+        shutil.rmtree(self.tmp, ignore_errors=True)
+        self.con = duckdb.connect(config={
+            "memory_limit": memory_limit, "temp_directory": str(self.tmp), "preserve_insertion_order": False,
+            "threads": threads or min(4, os.cpu_count() or 1)})
+        parts = sorted(str(p) for p in (self.out / PREDICTIONS).glob("part-*.parquet"))
+        if parts:
+            have = {r[0] for r in self.con.execute(
+                "SELECT name FROM parquet_schema(?)", [parts]).fetchall()}
+            cols = ", ".join(c if c in have else f"CAST(NULL AS {_sql_type(c)}) AS {c}" for c in _CURRENT)
+            source = f"(SELECT {cols} FROM read_parquet(?, union_by_name=true) WHERE model_sha256 = ?)"
+            params = [parts, model_sha256]
+        else:
+            source = "(SELECT " + ", ".join(f"CAST(NULL AS {_sql_type(c)}) AS {c}" for c in _CURRENT) + " WHERE false)"
+            params = []
+        grp = group_sql(group_by)
+        # redacted DICOM paths can coincide (same patient, same file name on two dates): the SOP UID tells them apart
+        self.con.execute(f"""
+            CREATE TEMP TABLE cur AS
+            SELECT * EXCLUDE (path_bytes, run_id, key, sop_uid),
+                   sop_uid,
+                   coalesce(study_uid, {grp}) AS study,
+                   CASE WHEN study_uid IS NULL THEN {grp} ELSE series_uid END AS series
+            FROM {source}
+            QUALIFY row_number() OVER (
+                PARTITION BY coalesce(path_bytes, encode(path)), coalesce(sop_uid, ''), coalesce(frame, -1)
+                ORDER BY run_id DESC) = 1""", params)
+
+    def __enter__(self) -> "Rows":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.con.close()
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+    # ---------------------------------------------------------------- summaries for the report
+    def status_counts(self) -> dict[str, int]:
+        return dict(self.con.execute("SELECT status, count(*) FROM cur GROUP BY status").fetchall())
+
+    def flagged_counts(self) -> dict[str, int]:
+        return {("flagged" if p else "not flagged"): n for p, n in self.con.execute(
+            "SELECT positive, count(*) FROM cur WHERE status = 'ok' GROUP BY positive").fetchall()}
+
+    def reasons(self) -> list[tuple[str, str, int]]:
+        return self.con.execute("SELECT status, reason, count(*) FROM cur WHERE status <> 'ok' "
+                                "GROUP BY ALL ORDER BY status, reason").fetchall()
+
+    def probability_histogram(self, bins: int = 20) -> np.ndarray:
+        counts = np.zeros(bins, np.int64)
+        for b, n in self.con.execute(f"SELECT {_bin_sql('probability', 0.0, 1.0, bins)}, "
+                                     "count(*) FROM cur WHERE probability IS NOT NULL GROUP BY 1").fetchall():
+            counts[max(0, b)] += n
+        return counts
+
+    def thumbnails(self, studies: list[str], per_study: int = 3) -> dict[str, list[tuple[float, bytes]]]:
+        """The ``per_study`` most probable flagged slices' thumbnails of each of ``studies``."""
+        if not studies:
+            return {}
+        self.con.execute("CREATE OR REPLACE TEMP TABLE shown AS SELECT unnest(?) AS study", [studies])
+        parts = sorted(str(p) for p in (self.out / PREDICTIONS).glob("part-*.parquet"))
+        rows = self.con.execute(f"""
+            WITH t AS (
+                SELECT coalesce(study_uid, {group_sql(self.group_by)}) AS study, probability, thumbnail
+                FROM read_parquet(?, union_by_name=true)
+                WHERE thumbnail IS NOT NULL AND model_sha256 = ?)
+            SELECT study, probability, thumbnail FROM t SEMI JOIN shown USING (study)
+            QUALIFY row_number() OVER (PARTITION BY study ORDER BY probability DESC) <= {int(per_study)}
+            ORDER BY study, probability DESC""", [parts, self.sha]).fetchall() if parts else []
+        best: dict[str, list[tuple[float, bytes]]] = {}
+        for study, p, b in rows:
+            best.setdefault(study, []).append((p, b))
+        return best
+
+    # ---------------------------------------------------------------- studies
+    def build_studies(self, threshold: float, top_k: int = 3, reference: dict | None = None,
+                      batch_rows: int = 10_000) -> dict:
+        """One row per series and per study, streamed to OUT_DIR/studies.parquet (atomically).
+
+        Each carries the shift alarm over its own slices against the model's ``reference``. Rows are
+        in hash partitions of the study, sorted by study (and series) within each.
+        Returns ``{"studies", "flagged", "shifted"}`` counts at the study level."""
+        bins = ", ".join(f"histogram({_bin_sql(k, lo, hi, b)}) FILTER (status = 'ok' AND has_stats) AS h_{k}"
+                         for k, (lo, hi, b) in STATS.items())
+        pb = PROBABILITY_BINS
+        summary = {"studies": 0, "flagged": 0, "shifted": 0}
+        tmp = self.out / (STUDIES + ".tmp")
+        # Aggregate states (top-k lists, histograms) are per group and cannot spill: aggregate the
+        # studies in hash partitions of about ROWS_PER_PASS rows so that memory stays flat.
+        n = self.con.execute("SELECT count(*) FROM cur WHERE study IS NOT NULL").fetchone()[0]
+        passes = max(1, -(-n // ROWS_PER_PASS))
+        with pq.ParquetWriter(tmp, SCHEMA) as writer:
+            for level, keys in (("study", ["study"]), ("series", ["study", "series"])):
+                by = ", ".join(keys)
+                for i in range(passes):
+                    cur = self.con.execute(f"""
+                        WITH r AS (SELECT *, input_detail IS NOT NULL AND NOT isnan(input_detail) AS has_stats
+                                   FROM cur WHERE study IS NOT NULL AND hash(study) % {passes} = {i})
+                        SELECT {by}, count(*) AS slices, count(*) FILTER (status = 'ok') AS ok,
+                               count(*) FILTER (status = 'error') AS errored,
+                               count(*) FILTER (status = 'skipped') AS skipped,
+                               count(*) FILTER (status = 'ok' AND positive) AS flagged_slices,
+                               max(probability) AS max_probability,
+                               list_avg(max(probability, {int(top_k)}) FILTER (status = 'ok')) AS top_k_mean,
+                               arg_max(path, probability) FILTER (status = 'ok') AS top_slice_path,
+                               arg_max(sop_uid, probability) FILTER (status = 'ok') AS top_slice_sop_uid,
+                               arg_max(frame, probability) FILTER (status = 'ok') AS top_slice_frame,
+                               count(*) FILTER (status = 'ok' AND has_stats) AS n_stats, {bins},
+                               histogram({_bin_sql("probability", 0.0, 1.0, pb)}) FILTER (status = 'ok') AS h_probability
+                        FROM r GROUP BY {by} ORDER BY {by}""")
+                    while True:
+                        chunk = cur.fetchmany(batch_rows)
+                        if not chunk:
+                            break
+                        records = [self._record(level, keys, row, cur.description, threshold, top_k, reference)
+                                   for row in chunk]
+                        writer.write_table(pa.Table.from_pylist(records, schema=SCHEMA))
+                        if level == "study":
+                            summary["studies"] += len(records)
+                            summary["flagged"] += sum(r["decision"] for r in records)
+                            summary["shifted"] += sum(bool(r["shift_verdict"] and r["shift_verdict"].startswith("shifted"))
+                                                      for r in records)
+        os.replace(tmp, self.out / STUDIES)
+        return summary
+
+    @staticmethod
+    def _record(level, keys, row, description, threshold, top_k, reference) -> dict:
+        d = dict(zip((c[0] for c in description), row))
+        hist = Histograms()
+        hist.n = int(d["n_stats"])
+        for k, (_, _, b) in STATS.items():
+            for i, n in (d[f"h_{k}"] or {}).items():
+                hist.counts[k][int(i)] += int(n)
+        for i, n in (d["h_probability"] or {}).items():
+            hist.probability[int(i)] += int(n)
+        shift = compare(reference, hist)
+        topk = d["top_k_mean"]
+        frame = d["top_slice_frame"]
+        return {
+            "level": level, "study": d["study"], "series": d["series"] if level == "series" else None,
+            "slices": d["slices"], "ok": d["ok"], "errored": d["errored"], "skipped": d["skipped"],
+            "flagged_slices": d["flagged_slices"], "max_probability": d["max_probability"], "top_k": top_k,
+            "top_k_mean": topk, "threshold": threshold, "decision": bool(topk is not None and topk >= threshold),
+            "top_slice_path": d["top_slice_path"], "top_slice_sop_uid": d["top_slice_sop_uid"],
+            "top_slice_frame": None if frame is None or frame < 0 else int(frame),
+            "shift_score": shift["score"], "shift_verdict": shift["verdict"],
+        }
+
+
+def top_studies(path: Path, limit: int, flagged_only: bool = False) -> dict | None:
+    """Study-level counts of a studies.parquet and its ``limit`` studies of highest top-k mean
+    (flagged ones only if asked), read out of core; None when there is no such file."""
+    if not Path(path).exists():
+        return None
+    import duckdb
+
+    con = duckdb.connect(config={"memory_limit": "128MB", "threads": 1})
+    try:
+        n, flagged, top_k = con.execute(
+            "SELECT count(*), count(*) FILTER (decision), any_value(top_k) FROM read_parquet(?) WHERE level = 'study'",
+            [str(path)]).fetchone()
+        cur = con.execute("SELECT * FROM read_parquet(?) WHERE level = 'study'" + (" AND decision" if flagged_only else "")
+                          + " ORDER BY top_k_mean DESC NULLS LAST, study LIMIT ?", [str(path), int(limit)])
+        names = [d[0] for d in cur.description]
+        shown = [dict(zip(names, r)) for r in cur.fetchall()]
+    finally:
+        con.close()
+    return {"studies": n, "flagged": flagged, "top_k": top_k, "shown": shown}
+
+
+def _bin_sql(column: str, lo: float, hi: float, bins: int) -> str:
+    """``shift._bin`` in SQL: the same bin for the same value (NaN in bin 0, outside clipped)."""
+    x = f"CAST({column} AS DOUBLE)"
+    return (f"least({bins - 1}, greatest(0, CAST(trunc((CASE WHEN isnan({x}) THEN CAST({float(lo)!r} AS DOUBLE) "
+            f"ELSE {x} END - CAST({float(lo)!r} AS DOUBLE)) / CAST({float(hi - lo)!r} AS DOUBLE) * {bins}) AS BIGINT)))")
+
+
+def _sql_type(column: str) -> str:
+    t = ROW_SCHEMA.field(column).type
+    return {pa.string(): "VARCHAR", pa.binary(): "BLOB", pa.float32(): "FLOAT", pa.float64(): "DOUBLE",
+            pa.int64(): "BIGINT", pa.int32(): "INTEGER", pa.bool_(): "BOOLEAN"}[t]
 
 
 SCHEMA = pa.schema([

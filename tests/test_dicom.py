@@ -291,3 +291,44 @@ def test_tcia_archive_rows_studies_no_identifiers_and_report(tmp_path):
     assert html.count("data:image/jpeg;base64,") >= len(flagged) > 0
     assert all(s in html for s in flagged.study)
     assert "http://" not in html.replace("http://www.w3.org/2000/svg", "") and "https://" not in html
+
+
+def _raw(ds, tag: int, vr: str, value: bytes) -> None:
+    """Put a malformed value in the header as a scanner (or an attacker) would write it."""
+    from pydicom.dataelem import RawDataElement
+    from pydicom.tag import Tag
+    ds._dict[Tag(tag)] = RawDataElement(Tag(tag), vr, len(value), value, 0, False, True)
+
+
+def test_a_malformed_header_value_is_that_files_row_alone(tmp_path):
+    root = tmp_path / "Doe^Jane"
+    root.mkdir()
+    for i in range(6):  # good PNGs in the same batch
+        ok, buf = cv2.imencode(".png", np.random.default_rng(i).integers(0, 256, (80, 80), dtype=np.uint8))
+        (root / f"good{i}.png").write_bytes(buf.tobytes())
+    ds = pydicom.dcmread(dicom_file("CT_small.dcm"))
+    ds.PatientName = "Doe^Jane"
+    _raw(ds, 0x00200013, "IS", b"abc ")  # InstanceNumber: absent, the slice is still screened
+    ds.save_as(root / "bad-instance.dcm")
+    _raw(ds, 0x00281053, "DS", b"QX7Z")  # RescaleSlope: no HU without it, this file is an error row
+    ds.SOPInstanceUID = generate_uid()
+    ds.save_as(root / "bad-slope.dcm")
+    out = tmp_path / "o"
+    r = run_cli("covidct-batch", root, "--model", tiny_model(tmp_path / "m.onnx", (64, 64)), "--out", out,
+                "--batch-size", "32", "--no-progress", "--num-cpus", "2")
+    assert r.returncode == 1, r.stderr[-2000:]
+    rows = read_rows(out)
+    assert len(rows) == 8 and (rows.reason != "internal").all()
+    by_name = {Path(p).name: row for p, (_, row) in zip(rows.path, rows.iterrows())}
+    assert all(by_name[f"good{i}.png"].status == "ok" for i in range(6))
+    inst = by_name["bad-instance.dcm"]
+    assert inst.status == "ok" and pd_isna(inst.instance_number)
+    slope = by_name["bad-slope.dcm"]
+    assert (slope.status, slope.reason) == ("error", "corrupt") and "QX7Z" not in slope.message
+    assert "QX7Z" not in r.stderr + r.stdout and "abc" not in r.stderr
+    assert all("Doe^Jane" not in p for p in rows[rows.path.str.endswith(".dcm")].path)  # redacted
+
+
+def pd_isna(v) -> bool:
+    import pandas as pd
+    return bool(pd.isna(v))

@@ -238,8 +238,11 @@ def test_sigkill_midway_then_resume_loses_nothing_and_duplicates_nothing(tmp_pat
         _kill_session(proc.pid)
     partial = len(read_rows(out))
     assert 0 < partial < n, "the kill came too late to test anything"
+    assert (out / ".covidct-batch.lock").exists()  # the killed run's lock, and its record
+    assert json.loads((out / "run.json").read_text())["state"] == "running"
     r = screen(*args, "--out", out)
     assert r.returncode == 0, r.stderr[-2000:]
+    assert "took over a stale lock" in r.stderr
     rows = read_rows(out)
     assert len(rows) == n and rows.path.is_unique
     assert json.loads((out / "run.json").read_text())["counts"]["already_done"] == partial

@@ -1,0 +1,118 @@
+"""The Ray side of a run: decode tasks and predictor actors. No driver state, no file writing.
+
+Decode tasks (``decode_batch``) read and decode+resize a batch of files with the contract's
+preprocessing into one uint8 array in the object store, plus a small meta row per frame or
+failed file. Predictor actors (``PredictorActor``) hold the ONNX Runtime session, take that
+array by reference and return the rows the driver writes. Pixels never reach the driver.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import numpy as np
+
+from .contract import Contract
+from .decode import CORRUPT, DecodeError, decode_inputs, read_file
+from .dicom import redact
+from .predictor import Predictor
+from .shift import slice_stats
+
+
+def pseudonymize(uid: str, key: str | None) -> str:
+    """A keyed hash of a UID, itself a valid UID (2.25.<decimal>); the same key gives the same value."""
+    if not uid or key is None:
+        return uid
+    import hashlib
+    import hmac
+    digest = hmac.new(key.encode(), uid.encode(), hashlib.sha256).digest()[:16]
+    return "2.25." + str(int.from_bytes(digest, "big"))
+
+
+def decode_batch(items: list[tuple[str, int, int, int]], spec: dict) -> dict:
+    """Ray task: read and decode+resize each file; one uint8 (k, H, W, 1) array for the k frames that decoded.
+
+    ``items`` are (path, size, mtime_ns, key). Returns ``{"images": array, "meta": [dict, ...]}``:
+    one meta row per frame (or per failed file) in input order; rows with status "ok" map to
+    images in order. Paths and messages of DICOM rows carry no identifying header value.
+    """
+    import cv2
+
+    cv2.setNumThreads(1)  # one Ray CPU per task: OpenCV must not start a pool of its own
+    h, w = spec["image_size"]
+    images, meta = [], []
+    for path, size, mtime_ns, key in items:
+        base = {"path": path, "file_size": size, "mtime_ns": mtime_ns, "key": key}
+        t0 = time.perf_counter()
+        try:
+            data = read_file(path)
+            t1 = time.perf_counter()
+            frames = decode_inputs(data, spec["image_size"], spec["interpolation"], window=spec["window"],
+                                   preprocessing=spec["preprocessing"], max_pixels=spec["max_pixels"],
+                                   reduced_jpeg=spec["fast_jpeg"])
+            t2 = time.perf_counter()
+        except Exception as e:  # noqa: BLE001  a file's failure, whatever it is, is that file's row alone
+            if not isinstance(e, DecodeError):
+                e = DecodeError(CORRUPT, f"could not be decoded ({type(e).__name__})")
+            meta.append({**base, "path": redact(path, e.redact), "status": "skipped" if e.skipped else "error",
+                         "reason": e.code, "message": redact(e.message, e.redact),
+                         "read_ms": (time.perf_counter() - t0) * 1e3, "decode_ms": 0.0})
+            continue
+        for img, sl, framing in frames:
+            images.append(img)
+            row = {**base, "status": "ok", "reason": None, "message": None, "read_ms": (t1 - t0) * 1e3,
+                   "decode_ms": (t2 - t1) * 1e3 / len(frames)}
+            stats = slice_stats(img, framing)  # the shift alarm's statistics: a few floats, no pixels
+            if stats is not None:
+                row.update(stats, framing=framing.fallback)
+            if sl is not None:
+                k = spec.get("pseudonym_key")
+                row.update(path=redact(path, sl.identifying), study_uid=pseudonymize(sl.study_uid, k),
+                           series_uid=pseudonymize(sl.series_uid, k), sop_uid=pseudonymize(sl.sop_uid, k),
+                           instance_number=sl.instance_number, slice_position=sl.slice_position, frame=sl.frame)
+            meta.append(row)
+    batch = np.stack(images)[..., None] if images else np.empty((0, h, w, 1), np.uint8)
+    return {"images": batch, "meta": meta}
+
+
+def thumbnail(img: np.ndarray, size: int = 96) -> bytes:
+    """A small JPEG of what the model saw, for the report's flagged studies."""
+    import cv2
+    ok, buf = cv2.imencode(".jpg", cv2.resize(img, (size, size), interpolation=cv2.INTER_AREA),
+                           [cv2.IMWRITE_JPEG_QUALITY, 80])
+    return buf.tobytes() if ok else None
+
+
+class PredictorActor:
+    """Ray actor around :class:`Predictor`: decoded batch in, result rows out."""
+
+    def __init__(self, model_path: str, threads: int, device: str, model_sha256: str, run_id: str):
+        self.predictor = Predictor(model_path, threads, device)
+        self.sha = model_sha256
+        self.run_id = run_id
+        import ray
+        self.node = ray.get_runtime_context().get_node_id()[:12]
+
+    def info(self) -> dict:
+        import socket
+        return {"provider": self.predictor.provider, "host": socket.gethostname(), "pid": os.getpid(),
+                "node": self.node}
+
+    def predict(self, decoded: dict) -> list[dict]:
+        c: Contract = self.predictor.contract
+        images, meta = decoded["images"], decoded["meta"]
+        probs, seconds = (self.predictor.predict(images) if len(images) else (np.zeros(0, np.float32), 0.0))
+        share = seconds * 1e3 / max(1, len(images))
+        rows, k = [], 0
+        for m in meta:
+            row = {**m, "threshold": c.threshold, "model_sha256": self.sha, "provider": self.predictor.provider,
+                   "run_id": self.run_id, "node": self.node}
+            if m["status"] == "ok":
+                p = float(probs[k])
+                pos = p >= c.threshold
+                row.update(probability=p, positive=pos, label=c.class_names[int(pos)], infer_ms=share,
+                           thumbnail=thumbnail(images[k, :, :, 0]) if pos else None)
+                k += 1
+            rows.append(row)
+        return rows
