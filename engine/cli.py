@@ -33,6 +33,8 @@ from .logs import setup_logging
               help="Rows per Parquet part file (20000); a part is also written every 30 s.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--address", default=None, help="Join this Ray cluster (e.g. 10.0.0.5:6379) instead of a local runtime.")
+@click.option("--allow-unauthenticated-cluster", is_flag=True,
+              help="Join an --address cluster even though it requires no token (refused otherwise).")
 @click.option("--group-by", default=None,
               help="Study grouping for non-DICOM files: 'parent' (folder) or a regex on the path.")
 @click.option("--top-k", type=click.IntRange(1), default=None,
@@ -45,7 +47,8 @@ from .logs import setup_logging
 @click.option("--no-progress", is_flag=True, help="No progress line on stderr.")
 @click.option("-v", "--verbose", is_flag=True)
 def main(inputs, model, out, from_list, overwrite, batch_size, num_cpus, predictors, inference_threads,
-         max_in_flight, rows_per_part, device, address, group_by, top_k, pseudonymize, fast_jpeg, no_progress, verbose):
+         max_in_flight, rows_per_part, device, address, allow_unauthenticated_cluster, group_by, top_k, pseudonymize,
+         fast_jpeg, no_progress, verbose):
     """Screen CT slices under INPUT... (folders, files) with MODEL; one prediction row per file.
 
     Exit codes: 0 every file ok or skipped; 1 finished, some files are error rows;
@@ -71,6 +74,7 @@ def main(inputs, model, out, from_list, overwrite, batch_size, num_cpus, predict
         cfg = ScreenConfig(inputs=tuple(inputs), model=model, out=out, from_list=from_list, overwrite=overwrite,
                            device=device, address=address, progress=not no_progress, group_by=group_by,
                            pseudonym_key=key, fast_jpeg=fast_jpeg, worker_logs=verbose,
+                           allow_unauthenticated_cluster=allow_unauthenticated_cluster,
                            **{k: v for k, v in opts.items() if v is not None})
         summary = run(cfg)
     except RunError as e:
@@ -120,6 +124,10 @@ def format_summary(run: dict, out: Path) -> str:
     lines.extend(study_table(Path(out)))
     lines.append(f"  predictions: {Path(out) / 'predictions'}/part-*.parquet; run record: {Path(out) / 'run.json'}")
     lines.append(f"  studies: {Path(out) / 'studies.parquet'}; report: {Path(out) / 'report.html'}")
+    cur = run.get("current", {})
+    if cur.get("error") and not c["error"]:
+        lines.append(f"  {cur['error']:,} error rows from earlier runs are still current in OUT_DIR "
+                     "(unreadable and internal ones are retried by every rerun)")
     lines.append(f"  exit code {run['exit_code']}")
     lines.append(DISCLAIMER)
     return "\n".join(lines)
@@ -180,7 +188,7 @@ def report_main(out, top_k, group_by, verbose):
     if not (out / RUN).is_file():
         click.echo(f"covidct-report: error: {out / RUN} does not exist: not a covidct-batch OUT_DIR", err=True)
         sys.exit(2)
-    st = build_report(out, top_k, group_by)
+    st = build_report(out, top_k, group_by)["studies"]
     click.echo(f"studies: {st['flagged']} flagged of {st['studies']} ({st['rule']}); "
                f"{out / 'studies.parquet'}; {out / 'report.html'}")
     for line in study_table(out):

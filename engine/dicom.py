@@ -93,6 +93,58 @@ def _frame_rescale(ds, i: int) -> tuple[float, float]:
     return float(ds.get("RescaleSlope", 1.0)), float(ds.get("RescaleIntercept", 0.0))
 
 
+def check_pixel_budget(ds, frames: int, ts, max_pixels: int) -> None:
+    """Refuse, before any pixel is decoded, pixel data that would exceed ``max_pixels``.
+
+    The header's frames x rows x columns x samples; for native pixel data also what the payload
+    holds (a file without NumberOfFrames whose payload holds thousands of frames is a frame
+    bomb); for encapsulated data each codestream's own size (JPEG SOF, JPEG 2000 SIZ), which
+    is what the decoder allocates whatever Rows and Columns say.
+    """
+    rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
+    samples = int(ds.get("SamplesPerPixel", 1) or 1)
+    per_frame = rows * cols * samples
+    if per_frame <= 0 or frames <= 0:
+        raise DecodeError(CORRUPT, f"DICOM header announces {frames} frame(s) of {rows}x{cols}x{samples}")
+    if per_frame * frames > max_pixels:
+        raise DecodeError(TOO_LARGE, f"{per_frame * frames:,} pixels announced exceeds the limit of {max_pixels:,}")
+    data = ds.get("PixelData")
+    if data is None:
+        return
+    if ts is None or not ts.is_compressed:
+        bits = int(ds.get("BitsAllocated", 16) or 16)
+        frame_bytes = max(1, (per_frame * bits + 7) // 8)
+        held = len(data) // frame_bytes
+        if held > frames:  # a frame bomb: pydicom would split the payload into frames of the header's size
+            raise DecodeError(TOO_LARGE, f"pixel data holds {held:,} frames of {rows}x{cols} ({held * per_frame:,} "
+                                         f"pixels) where the header announces {frames}")
+        return
+    from pydicom.encaps import generate_fragments
+
+    total = 0
+    for fragment in generate_fragments(data):
+        size = codestream_size(fragment[:4096])
+        if size is None:
+            continue
+        total += size[0] * size[1]
+        if total > max_pixels:
+            raise DecodeError(TOO_LARGE, f"its codestreams declare {total:,}+ pixels, over the limit of {max_pixels:,}")
+
+
+def codestream_size(head: bytes) -> tuple[int, int] | None:
+    """(width, height) a JPEG or JPEG 2000 codestream declares, from its first bytes; None if neither."""
+    import struct
+
+    from .decode import _jpeg_size
+
+    if head[:4] == b"\xff\x4f\xff\x51" and len(head) >= 24:  # SOC, SIZ: Xsiz, Ysiz, XOsiz, YOsiz
+        x, y, xo, yo = struct.unpack(">IIII", head[8:24])
+        return max(0, x - xo), max(0, y - yo)
+    if head[:2] == b"\xff\xd8":
+        return _jpeg_size(head)
+    return None
+
+
 def _int_or_none(value) -> int | None:
     """An optional integer header value (InstanceNumber); a malformed one is simply absent."""
     try:
@@ -130,6 +182,41 @@ def window_to_grey(hu: np.ndarray, level: float, width: float, invert: bool = Fa
     return np.rint(g).astype(np.uint8)
 
 
+DEFLATED = "1.2.840.10008.1.2.1.99"
+
+
+def check_deflated(data: bytes, max_pixels: int) -> None:
+    """A deflated dataset is inflated whole by pydicom: count its inflated size first, in 1 MB steps
+    and without keeping them, and refuse it when it is larger than pixels within the limit can be."""
+    import zlib
+
+    from pydicom.filereader import _read_file_meta_info, read_preamble
+
+    f = io.BytesIO(data)
+    try:
+        read_preamble(f, force=True)
+        meta = _read_file_meta_info(f)
+    except Exception:  # noqa: BLE001  not a file with a meta group: not deflated, pydicom decides
+        return
+    if str(meta.get("TransferSyntaxUID", "")) != DEFLATED:
+        return
+    cap = 4 * max_pixels + (16 << 20)  # up to 32-bit pixels plus a generous header
+    z = zlib.decompressobj(-zlib.MAX_WBITS)
+    tail, total = data[f.tell():], 0
+    try:
+        while True:
+            chunk = z.decompress(tail, 1 << 20)
+            total += len(chunk)
+            if total > cap:
+                raise DecodeError(TOO_LARGE, f"deflated dataset inflates past {cap:,} bytes (the pixel limit is "
+                                             f"{max_pixels:,}): refused before inflating it")
+            tail = z.unconsumed_tail
+            if not tail and len(chunk) < (1 << 20):
+                return
+    except zlib.error:
+        raise DecodeError(CORRUPT, "deflated DICOM dataset is corrupt") from None
+
+
 def decode_dicom(data: bytes, window: dict, max_pixels: int) -> list[Slice]:
     """All frames of a DICOM CT object as grey uint8 images (before resizing).
 
@@ -142,6 +229,7 @@ def decode_dicom(data: bytes, window: dict, max_pixels: int) -> list[Slice]:
     # pydicom warns about malformed values by quoting them: never on a console or in a worker's log
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
+        check_deflated(data, max_pixels)
         try:
             ds = pydicom.dcmread(io.BytesIO(data), force=True)
         except (InvalidDicomError, EOFError, ValueError, TypeError, KeyError, OSError) as e:
@@ -170,11 +258,9 @@ def _decode_pixels(ds, window: dict, max_pixels: int, ident: list[str]) -> list[
     if modality and modality != "CT":
         raise DecodeError("not_ct_image", f"modality {modality}, not CT: skipped")
     frames = int(ds.get("NumberOfFrames", 1) or 1)
-    announced = int(ds.get("Rows", 0) or 0) * int(ds.get("Columns", 0) or 0) * frames
-    if announced > max_pixels:
-        raise DecodeError(TOO_LARGE, f"{announced:,} pixels announced exceeds the limit of {max_pixels:,}")
     meta = getattr(ds, "file_meta", None)
     ts = meta.get("TransferSyntaxUID") if meta is not None else None
+    check_pixel_budget(ds, frames, ts, max_pixels)
     try:
         pixels = ds.pixel_array
     except Exception as e:  # pydicom raises RuntimeError/ValueError/NotImplementedError per plugin
@@ -188,6 +274,7 @@ def _decode_pixels(ds, window: dict, max_pixels: int, ident: list[str]) -> list[
         raise DecodeError(CORRUPT, f"DICOM pixel data could not be decoded: {msg}") from None
     if pixels.ndim == 2 or (pixels.ndim == 3 and frames == 1 and pixels.shape[-1] in (3, 4)):
         pixels = pixels[None]
+    pixels = pixels[:frames]  # never more slices than the header announces
     if pixels.ndim != 3:
         raise DecodeError("unsupported_pixels", f"DICOM pixel array of shape {pixels.shape} is not grey CT")
     invert = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper() == "MONOCHROME1"

@@ -17,6 +17,7 @@ import logging
 import os
 import platform
 import shutil
+import signal
 import threading
 import time
 import uuid
@@ -44,7 +45,7 @@ log = logging.getLogger(__name__)
 
 #: Exit codes of covidct-batch (documented in the README).
 EXIT_OK = 0           # every file ok or skipped
-EXIT_FILE_ERRORS = 1  # the run completed; some files are error rows
+EXIT_FILE_ERRORS = 1  # the run completed; some files are error rows (this run's or still current in OUT_DIR)
 EXIT_BAD_RUN = 2      # nothing done: bad options, no model, broken contract, Ray unreachable, OUT_DIR in use
 EXIT_OUTPUT_FAILED = 3  # stopped: a part could not be written (disk full); earlier parts intact, rerun to resume
 EXIT_INTERRUPTED = 130
@@ -79,6 +80,7 @@ class ScreenConfig:
     object_store_mb: int = 512            # local runtime: the pipeline holds a few MB in flight
     fast_jpeg: bool = False               # half-scale JPEG decode (opt-in: not bit-equal to training's)
     worker_logs: bool = False             # Ray workers' stdout/stderr on the console (--verbose)
+    allow_unauthenticated_cluster: bool = False  # join an --address cluster that requires no token
 
     def __post_init__(self):
         if not self.inputs and self.from_list is None:
@@ -146,18 +148,76 @@ def start_ray(cfg: ScreenConfig):
     check_auth_mode(cfg)
     # Decoders' own messages (libpng, libjpeg) go to the workers' logs, not the console: the row says it.
     kwargs = dict(include_dashboard=False, log_to_driver=cfg.worker_logs, configure_logging=False)
+    on_term = signal.getsignal(signal.SIGTERM) if threading.current_thread() is threading.main_thread() else None
     try:
         if cfg.address is None:
             # Ray's default store is 30% of RAM; its shared pages, once touched, stay in RSS, so a
             # long run would grow towards it. At most max_in_flight batches exist: cap it.
-            ray.init(num_cpus=cfg.num_cpus or os.cpu_count(), object_store_memory=cfg.object_store_mb << 20,
-                     **kwargs)
+            # address="local": always a new runtime, never one named by a stale /tmp/ray/ray_current_cluster
+            ray.init(address="local", num_cpus=cfg.num_cpus or os.cpu_count(),
+                     object_store_memory=cfg.object_store_mb << 20, **kwargs)
         else:
+            check_reachable(cfg.address)
+            if not cfg.allow_unauthenticated_cluster and not requires_token(cfg.address):
+                raise RunError(f"the Ray cluster at {cfg.address} answers without authentication (started with "
+                               "RAY_AUTH_MODE=disabled?): anyone who reaches its ports can run code on it. Restart "
+                               "it with token authentication, or pass --allow-unauthenticated-cluster to accept that")
             ray.init(address=cfg.address, **kwargs)
     except Exception as e:  # ConnectionError, auth failures, bad address
         raise RunError(f"cannot start or join Ray ({cfg.address or 'local'}): {e}. A cluster made with "
                        "`ray start` needs RAY_AUTH_MODE=token and its token (RAY_AUTH_TOKEN or ~/.ray/auth_token)")
+    if callable(on_term):  # Ray's core worker replaces it with one that exits at once: keep the caller's
+        signal.signal(signal.SIGTERM, on_term)
+    tighten_token_file()
     return True
+
+
+def requires_token(address: str, timeout: float = 10.0) -> bool:
+    """Whether the cluster's GCS refuses a call that carries no token (False: it is open to anyone).
+
+    One unauthenticated read of the node table through Ray's own gRPC stubs; anything but a
+    success counts as protected (ray.init then reports what is wrong)."""
+    if address in ("auto", "local") or "://" in address:
+        return True
+    try:
+        import grpc
+        from ray.core.generated import gcs_service_pb2, gcs_service_pb2_grpc
+    except ImportError:  # a Ray without these stubs: cannot tell, do not block
+        log.warning("cannot check whether the Ray cluster at %s requires a token", address)
+        return True
+    with grpc.insecure_channel(address) as channel:
+        try:
+            gcs_service_pb2_grpc.NodeInfoGcsServiceStub(channel).GetAllNodeInfo(
+                gcs_service_pb2.GetAllNodeInfoRequest(), timeout=timeout)
+        except grpc.RpcError:
+            return True
+    return False
+
+
+def check_reachable(address: str, timeout: float = 5.0) -> None:
+    """Fail in seconds, not minutes, when ``--address`` cannot be reached (Ray itself retries for long)."""
+    if address in ("auto", "local") or "://" in address:
+        return
+    import socket
+
+    host, _, port = address.rpartition(":")
+    host, port = (host or address).strip("[]"), int(port) if port.isdigit() else 6379
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+    except OSError as e:
+        raise RunError(f"cannot reach the Ray cluster at {address}: {e.strerror or e} (is `ray start --head` "
+                       "running there, and is the port open from here?)") from None
+
+
+def tighten_token_file() -> None:
+    """Ray writes ~/.ray/auth_token world-readable (0644): a local user could join the runtime. Make it 0600."""
+    path = Path.home() / ".ray" / "auth_token"
+    try:
+        st = path.stat()
+        if st.st_uid == os.getuid() and st.st_mode & 0o077:
+            path.chmod(0o600)
+    except OSError:
+        pass
 
 
 def plan_workers(cfg: ScreenConfig) -> dict:
@@ -411,7 +471,11 @@ def _run(cfg, contract, model_sha, out, done, run_id, started, t_start, lock) ->
     summary.run["shift"] = compare(contract.reference, shift_hist)
     summary.run["shift"]["scope"] = "the slices predicted by this run"
     write_json(out / RUN, summary.run)
-    summary.run["studies"] = build_report(out, cfg.top_k, cfg.group_by)
+    summary.run = build_report(out, cfg.top_k, cfg.group_by)
+    if summary.run["current"]["error"] and summary.exit_code == EXIT_OK:
+        # error rows of earlier runs are still there (deterministic ones are not retried): say so
+        summary.exit_code = summary.run["exit_code"] = EXIT_FILE_ERRORS
+        write_json(out / RUN, summary.run)
     return summary
 
 

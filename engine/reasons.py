@@ -25,8 +25,9 @@ INTERNAL = "internal"  # a worker died or a row could not be written: retried by
 
 #: Not images at all, or not CT slices: skipped rows, not errors.
 SKIP_CODES = frozenset({NOT_AN_IMAGE, NOT_CT_IMAGE, LOCALIZER, NOT_A_REGULAR_FILE})
-#: Rows that a rerun tries again (the cause may have gone): never counted as done.
-RETRY_CODES = frozenset({INTERNAL})
+#: Rows that a rerun tries again (the cause may have gone: permissions, a link's target, a
+#: worker that died): never counted as done.
+RETRY_CODES = frozenset({INTERNAL, UNREADABLE})
 
 
 class DecodeError(Exception):

@@ -166,7 +166,8 @@ def build_report(out: Path, top_k: int | None = None, group_by: str | None = "<f
 
     ``top_k`` and ``group_by`` default to the run's own; covidct-batch calls this at the end of a
     run, covidct-report after a crash or to change the rule without screening again.
-    Returns run.json's ``studies`` entry."""
+    Returns the updated run record: ``studies``, and ``current`` (rows by status now current in
+    OUT_DIR for this model, earlier runs' included)."""
     import json
 
     from .studies import Rows
@@ -181,9 +182,10 @@ def build_report(out: Path, top_k: int | None = None, group_by: str | None = "<f
         counts = rows.build_studies(float(contract["threshold"]), top_k, contract.get("reference"))
         run["studies"] = {**counts, "rule": f"mean of the top {top_k} slice probabilities >= threshold",
                           "group_by": group_by}
+        run["current"] = {k: int(rows.status_counts().get(k, 0)) for k in ("ok", "error", "skipped")}
         write_json(out / RUN, run)
         write_report(out, run, rows)
-    return run["studies"]
+    return run
 
 
 def write_json(path: Path, record: dict) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -157,13 +158,18 @@ def test_corrupt_files_keep_decoder_messages_off_the_console(tmp_path):
     assert "libpng" not in r.stderr and "libpng" not in r.stdout, r.stderr[-2000:]
 
 
-def test_two_runs_on_one_out_dir_one_exits_2_and_no_row_is_written_twice(tmp_path):
+def _slow_run(tmp_path: Path, n: int) -> tuple[Path, list]:
+    """OUT_DIR and the arguments of a run over ``n`` JPEGs, slowed down (small batches, one in flight)."""
     root = tmp_path / "archive"
-    n = 600
     _jpegs(root, n)
-    model = tiny_model(tmp_path / "m.onnx", SIZE)
     out = tmp_path / "o"
-    args = [root, "--model", model, "--out", out, "--batch-size", "4", "--max-in-flight", "1"]
+    return out, [root, "--model", tiny_model(tmp_path / "m.onnx", SIZE), "--out", out, "--batch-size", "4",
+                 "--max-in-flight", "1", "--rows-per-part", "8"]
+
+
+def test_two_runs_on_one_out_dir_one_exits_2_and_no_row_is_written_twice(tmp_path):
+    n = 600
+    out, args = _slow_run(tmp_path, n)
     first = _start(args)
     try:
         assert _wait_for(lambda: (out / LOCK).exists()), first.stderr.read()[-2000:] if first.poll() is not None else ""
@@ -279,3 +285,46 @@ def test_a_full_disk_stops_cleanly_and_the_rerun_completes_every_file_once(tmp_p
         assert json.loads((out / "run.json").read_text())["counts"]["already_done"] == len(partial)
     finally:
         subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+def test_a_transient_error_is_retried_and_the_exit_code_tells_what_is_current(tmp_path):
+    root = tmp_path / "archive"
+    root.mkdir()
+    _png(root / "good.png", 0)
+    (root / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 300)
+    os.symlink(tmp_path / "later.png", root / "link.png")  # unreadable now (root reads through chmod 000)
+    model = tiny_model(tmp_path / "m.onnx", SIZE)
+    out = tmp_path / "o"
+    first = screen(root, "--model", model, "--out", out)
+    assert first.returncode == 1
+    _png(tmp_path / "later.png", 1)  # the cause goes away
+    second = screen(root, "--model", model, "--out", out)
+    rows = read_rows(out)
+    link = rows[rows.path == str(root / "link.png")].sort_values("run_id")
+    assert list(link.status) == ["error", "ok"]  # retried, not "already done"
+    assert (rows.path == str(root / "corrupt.png")).sum() == 1  # deterministic: not retried
+    # nothing failed in this run, but OUT_DIR still holds a current error row: the exit code says so
+    assert second.returncode == 1 and "still current in OUT_DIR" in second.stdout
+    assert json.loads((out / "run.json").read_text())["current"] == {"ok": 2, "error": 1, "skipped": 0}
+
+
+def test_sigterm_ends_a_run_like_ctrl_c_with_whole_parts(tmp_path):
+    n = 600
+    out, args = _slow_run(tmp_path, n)
+    proc = _start(args)
+    try:
+        assert _wait_for(lambda: len(list((out / "predictions").glob("part-*.parquet"))) >= 2
+                         if (out / "predictions").is_dir() else False), proc.stderr.read()[-2000:] if proc.poll() else ""
+        proc.send_signal(signal.SIGTERM)  # the driver alone, as a scheduler stops a job
+        _, err = proc.communicate(timeout=120)
+    finally:
+        kill_session(proc.pid)
+    assert proc.returncode == 130, err[-2000:]
+    assert "interrupted" in err and "rerun to resume" in err
+    assert json.loads((out / "run.json").read_text())["state"] == "interrupted"
+    partial = read_rows(out)
+    assert 0 < len(partial) < n and not list((out / "predictions").glob("*.tmp"))
+    r = screen(*args)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = read_rows(out)
+    assert len(rows) == n and rows.path.is_unique

@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import cv2
@@ -19,7 +20,7 @@ from pydicom.uid import generate_uid
 
 from engine.contract import LUNG_WINDOW, Contract
 from engine.decode import DecodeError, decode_frames
-from tests.conftest import read_rows, run_cli, shared_dataset, tiny_model
+from tests.conftest import ROOT, read_rows, run_cli, shared_dataset, tiny_model
 
 SIZE = (64, 64)
 
@@ -332,3 +333,61 @@ def test_a_malformed_header_value_is_that_files_row_alone(tmp_path):
 def pd_isna(v) -> bool:
     import pandas as pd
     return bool(pd.isna(v))
+
+
+def _deflated_bomb(path: Path, rows: int, cols: int, payload_bytes: int) -> Path:
+    """A deflated CT object without NumberOfFrames whose pixel payload is ``payload_bytes`` of zeros,
+    written in a streaming way (a few KB on disk per MB of payload; never whole in memory)."""
+    import io
+    import struct
+    import zlib
+
+    from pydicom.filewriter import write_dataset, write_file_meta_info
+    from pydicom.uid import DeflatedExplicitVRLittleEndian
+
+    ds = pydicom.dcmread(dicom_file("CT_small.dcm"))
+    del ds.PixelData
+    ds.Rows, ds.Columns = rows, cols
+    ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    head = io.BytesIO()
+    head.write(b"\0" * 128 + b"DICM")
+    write_file_meta_info(pydicom.filebase.DicomFileLike(head), ds.file_meta, enforce_standard=True)
+    body = pydicom.filebase.DicomBytesIO()
+    body.is_little_endian, body.is_implicit_VR = True, False
+    write_dataset(body, ds)
+    z = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+    with open(path, "wb") as f:
+        f.write(head.getvalue())
+        f.write(z.compress(body.getvalue() + struct.pack("<HH2sHI", 0x7FE0, 0x0010, b"OW", 0, payload_bytes)))
+        zeros = bytes(1 << 20)
+        for i in range(0, payload_bytes, len(zeros)):
+            f.write(z.compress(zeros[:min(len(zeros), payload_bytes - i)]))
+        f.write(z.flush())
+    return path
+
+
+def test_frame_bombs_become_one_too_large_row_within_a_fixed_memory_budget(tmp_path):
+    small = _deflated_bomb(tmp_path / "small-bomb.dcm", 16, 16, 16 * 16 * 2 * 4096)  # 4,096 frames' worth
+    big = _deflated_bomb(tmp_path / "big-bomb.dcm", 512, 512, 400 << 20)  # inflates to 400 MB
+    assert small.stat().st_size < 20_000 and big.stat().st_size < 600_000
+    out = tmp_path / "o"
+    r = run_cli("covidct-batch", small, big, "--model", tiny_model(tmp_path / "m.onnx", (64, 64)), "--out", out,
+                "--no-progress", "--num-cpus", "2")
+    rows = read_rows(out)
+    assert r.returncode == 1 and len(rows) == 2, r.stderr[-2000:]
+    assert (rows.status == "error").all() and (rows.reason == "too_large").all(), rows.message.tolist()
+    # the decode itself, in a fresh process: its peak memory barely moves
+    probe = subprocess.run([sys.executable, "-c", f"""
+import resource
+from engine.contract import LUNG_WINDOW
+from engine.decode import DecodeError, decode_inputs
+data = open({str(big)!r}, 'rb').read()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+try:
+    decode_inputs(data, (64, 64), 'area', window=LUNG_WINDOW)
+    print('decoded')
+except DecodeError as e:
+    print(e.code, (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024)
+"""], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    code, grew_mb = probe.stdout.split()
+    assert code == "too_large" and int(grew_mb) < 64, probe.stdout + probe.stderr[-2000:]

@@ -114,10 +114,15 @@ def test_every_file_becomes_exactly_one_row_and_reruns_add_none(archive, tmp_pat
     assert run["latency_ms"]["decode_ms"]["p50"] is not None and run["model"]["contract"]["threshold"] == 0.5
     assert "covidct-batch summary" in r.stdout and "Research use only" in r.stdout
 
+    # the rerun adds nothing but the one transient error (the dangling link: its target may come),
+    # and its exit code still says that OUT_DIR holds error rows
     again = screen(root, "--model", model, "--out", out)
-    assert again.returncode == 0, again.stderr[-2000:]
-    assert len(read_rows(out)) == len(expected)
-    assert json.loads((out / "run.json").read_text())["counts"]["already_done"] == len(expected)
+    assert again.returncode == 1, again.stderr[-2000:]
+    retried = read_rows(out)
+    assert len(retried) == len(expected) + 1 and (retried.path.value_counts() > 1).sum() == 1
+    assert retried.path.value_counts().idxmax() == str(root / "bad" / "dangling.png")
+    run = json.loads((out / "run.json").read_text())
+    assert run["counts"]["already_done"] == len(expected) - 1 and run["current"]["error"] == 6
 
     # a changed and a new file: only those two are predicted
     changed = root / "a" / "one.png"
@@ -126,7 +131,7 @@ def test_every_file_becomes_exactly_one_row_and_reruns_add_none(archive, tmp_pat
     _write(root / "a" / "new.png", np.full((40, 40), 200, np.uint8))
     third = screen(root, "--model", model, "--out", out)
     rows = read_rows(out)
-    assert len(rows) == len(expected) + 2, third.stderr[-2000:]
+    assert len(rows) == len(expected) + 1 + 1 + 2, third.stderr[-2000:]
     versions = rows[rows.path == str(changed)].sort_values("run_id")
     latest = versions.iloc[-1]
     assert latest.mtime_ns != versions.iloc[0].mtime_ns
@@ -340,5 +345,57 @@ def test_two_node_cluster_with_token_through_address(tmp_path, archive):
                       env={**env, "RAY_AUTH_TOKEN": "wrong"})
         assert bad.returncode == 2 and "token" in bad.stderr
         assert not (tmp_path / "o2" / "predictions").exists() or not list((tmp_path / "o2" / "predictions").iterdir())
+    finally:
+        _stop(cluster)
+
+
+def test_unreachable_address_exits_2_in_seconds(tmp_path, archive):
+    import socket
+    root, _ = archive
+    with socket.socket() as s:  # a port that was free a moment ago: nothing listens there
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    t = time.monotonic()
+    r = run_cli("covidct-batch", root, "--model", tiny_model(tmp_path / "m.onnx", SIZE), "--out", tmp_path / "o",
+                "--address", f"127.0.0.1:{port}", "--no-progress", timeout=120)
+    assert r.returncode == 2 and "cannot reach the Ray cluster" in r.stderr, r.stderr[-2000:]
+    assert time.monotonic() - t < 30
+
+
+def test_a_stale_current_cluster_file_does_not_break_local_runs_and_the_token_file_is_private(tmp_path, archive):
+    root, _ = archive
+    marker = Path("/tmp/ray/ray_current_cluster")
+    saved = marker.read_bytes() if marker.exists() else None
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.write_text("127.0.0.1:1\n")  # what a killed `ray start` leaves behind
+    try:
+        r = screen(root, "--model", tiny_model(tmp_path / "m.onnx", SIZE), "--out", tmp_path / "o")
+    finally:
+        if saved is None:
+            marker.unlink(missing_ok=True)
+        else:
+            marker.write_bytes(saved)
+    assert r.returncode == 1, r.stderr[-2000:]  # the archive's error rows: the run itself went through
+    token = Path.home() / ".ray" / "auth_token"
+    if token.exists():
+        assert token.stat().st_mode & 0o077 == 0, oct(token.stat().st_mode)
+
+
+def test_a_cluster_without_authentication_is_refused_unless_allowed(tmp_path, archive):
+    root, expected = archive
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    env.pop("RAY_AUTH_TOKEN", None)
+    cluster, address = _helper("cluster", env)
+    try:
+        model = tiny_model(tmp_path / "m.onnx", SIZE)
+        driver_env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")}
+        r = run_cli("covidct-batch", root, "--model", model, "--out", tmp_path / "o", "--address", address,
+                    "--no-progress", env=driver_env)
+        assert r.returncode == 2 and "without authentication" in r.stderr, r.stderr[-2000:]
+        assert not list((tmp_path / "o" / "predictions").glob("*.parquet")) if (tmp_path / "o").exists() else True
+        ok = run_cli("covidct-batch", root, "--model", model, "--out", tmp_path / "o", "--address", address,
+                     "--no-progress", "--allow-unauthenticated-cluster", env=driver_env)
+        assert ok.returncode == 1, ok.stderr[-2000:]  # the archive's error rows
+        assert sorted(read_rows(tmp_path / "o").path) == sorted(expected)
     finally:
         _stop(cluster)
