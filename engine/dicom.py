@@ -10,6 +10,7 @@ Identifying header values never leave this module except as the list used to red
 from __future__ import annotations
 
 import io
+import re
 import warnings
 from dataclasses import dataclass, field
 
@@ -47,6 +48,7 @@ class Slice:
     instance_number: int | None
     slice_position: float | None
     identifying: list[str] = field(default_factory=list)
+    burned_in_text_absent: bool = False  # BurnedInAnnotation is NO: a thumbnail shows no burned-in text
 
 
 def looks_like_dicom_without_preamble(head: bytes) -> bool:
@@ -60,6 +62,7 @@ def looks_like_dicom_without_preamble(head: bytes) -> bool:
 
 
 def identifying_values(ds) -> list[str]:
+    """The file's own values of the IDENTIFYING attributes (every value of a multi-valued one)."""
     vals = []
     for kw in IDENTIFYING:
         v = ds.get(kw)
@@ -67,18 +70,40 @@ def identifying_values(ds) -> list[str]:
             continue
         for item in (v if isinstance(v, (list, tuple)) or getattr(v, "VM", 1) > 1 else [v]):
             s = str(item).strip()
-            if len(s) >= 3:
+            if s:
                 vals.append(s)
-                vals.extend(p for p in s.replace("^", " ").split() if len(p) >= 3)
     return sorted(set(vals), key=len, reverse=True)
 
 
+_SEP = r"[\^\s_.,\-/]*"
+
+
+def _value_patterns(value: str) -> list[str]:
+    """Regexes that find ``value`` however an archive wrote it into a path: any case, any of
+    ^ _ . , - / or space between its parts, a date as YYYYMMDD, YYYY-MM-DD or DD.MM.YYYY."""
+    tokens = [t for t in re.split(r"[\^\s_.,\-/]+", value) if t]
+    if not tokens:
+        return []
+    pats = [_SEP.join(re.escape(t) for t in tokens)]
+    pats += [re.escape(t) for t in tokens if len(t) >= 3]  # each part alone (JOHN of DOE^JOHN)
+    if re.fullmatch(r"\d{8}", value):  # DICOM DA
+        y, m, d = value[:4], value[4:6], value[6:]
+        pats += [rf"{y}[-_. /]?{m}[-_. /]?{d}", rf"{d}[-_. /]{m}[-_. /]{y}", rf"{m}[-_. /]{d}[-_. /]{y}"]
+    return pats
+
+
 def redact(text: str | None, values: list[str]) -> str | None:
+    """``text`` with each identifying value, in any of its written forms, replaced by [redacted].
+
+    Matches stand alone (no letter or digit either side), so a short value (a 2-digit PatientID)
+    is removed where it is a name or a path part without eating other words."""
     if not text or not values:
         return text
-    for v in values:
-        text = text.replace(v, "[redacted]")
-    return text
+    pats = sorted({p for v in values for p in _value_patterns(v)}, key=len, reverse=True)
+    if not pats:
+        return text
+    rx = re.compile(r"(?<![A-Za-z0-9])(?:" + "|".join(pats) + r")(?![A-Za-z0-9])", re.IGNORECASE)
+    return rx.sub("[redacted]", text)
 
 
 def _frame_rescale(ds, i: int) -> tuple[float, float]:
@@ -282,6 +307,7 @@ def _decode_pixels(ds, window: dict, max_pixels: int, ident: list[str]) -> list[
     pad_limit = ds.get("PixelPaddingRangeLimit")
     study, series, sop = (str(ds.get(k, "")) for k in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"))
     inst = ds.get("InstanceNumber")
+    no_burned_in = str(ds.get("BurnedInAnnotation", "")).strip().upper() == "NO"
     out = []
     for i in range(pixels.shape[0]):
         stored = pixels[i]
@@ -293,5 +319,5 @@ def _decode_pixels(ds, window: dict, max_pixels: int, ident: list[str]) -> list[
         grey = window_to_grey(hounsfield(stored, slope, intercept), float(window["level"]), float(window["width"]),
                               invert, padding)
         out.append(Slice(grey, i, study, series, sop, _int_or_none(inst),
-                         _frame_position(ds, i), ident))
+                         _frame_position(ds, i), ident, no_burned_in))
     return out

@@ -35,11 +35,12 @@ from .shift import STATS, Histograms, compare
 from .lock import LockedError, OutDirLock
 from .reasons import INTERNAL
 from .report import REPORT, RUN, build_report, write_json
-from .sink import PREDICTIONS, DoneIndex, KeySet, OutputError, PartWriter, row_key
+from .sink import PREDICTIONS, DoneIndex, KeySet, OutputError, PartWriter, out_secret, row_key
+from .sink import SECRET
 from .studies import STUDIES
 from .sources import iter_inputs
 from .stats import Progress, Reservoir
-from .workers import PredictorActor, decode_batch
+from .workers import PredictorActor, decode_batch, shown_path
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +75,8 @@ class ScreenConfig:
     progress: bool = True
     rows_per_part: int = 20000
     part_seconds: float = 30.0
-    pseudonym_key: str | None = None      # --pseudonymize: HMAC key for the DICOM UIDs
+    pseudonym_key: str | None = None      # --pseudonymize: HMAC key for the DICOM UIDs and every path
+    thumbnails: str = "auto"              # auto: not for DICOM unless BurnedInAnnotation is NO; on; off
     group_by: str | None = None           # studies for non-DICOM rows: "parent" or a regex
     top_k: int = 3
     object_store_mb: int = 512            # local runtime: the pipeline holds a few MB in flight
@@ -100,6 +102,8 @@ class ScreenConfig:
             rp = os.path.realpath(p)
             if rp == out or rp.startswith(out.rstrip(os.sep) + os.sep):
                 raise RunError(f"input {p} is inside OUT_DIR {self.out}: give another --out")
+        if self.thumbnails not in ("auto", "on", "off"):
+            raise RunError(f"--thumbnails must be auto, on or off; got {self.thumbnails!r}")
         if self.predictors is not None and self.predictors < 1:
             raise RunError(f"--predictors must be >= 1; got {self.predictors}")
 
@@ -292,10 +296,15 @@ def _locked_run(cfg: ScreenConfig, out: Path, lock: OutDirLock, started: float, 
     pred_dir = out / PREDICTIONS
     if cfg.overwrite:
         shutil.rmtree(pred_dir, ignore_errors=True)
-        for name in (RUN, STUDIES, REPORT):
+        for name in (RUN, STUDIES, REPORT, SECRET):
             (out / name).unlink(missing_ok=True)
     try:
         pred_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise RunError(f"cannot write OUT_DIR {out}: {e.strerror or e}") from None
+
+    try:
+        secret = out_secret(out)
     except OSError as e:
         raise RunError(f"cannot write OUT_DIR {out}: {e.strerror or e}") from None
 
@@ -323,13 +332,13 @@ def _locked_run(cfg: ScreenConfig, out: Path, lock: OutDirLock, started: float, 
     try:
         if "error" in prep:
             raise prep["error"]
-        return _run(cfg, prep["contract"], prep["sha"], out, prep["done"], run_id, started, t_start, lock)
+        return _run(cfg, prep["contract"], prep["sha"], out, prep["done"], run_id, started, t_start, lock, secret)
     finally:
         if owns_ray:
             ray.shutdown()
 
 
-def _run(cfg, contract, model_sha, out, done, run_id, started, t_start, lock) -> RunSummary:
+def _run(cfg, contract, model_sha, out, done, run_id, started, t_start, lock, secret) -> RunSummary:
     import ray
 
     plan = plan_workers(cfg)
@@ -366,6 +375,7 @@ def _run(cfg, contract, model_sha, out, done, run_id, started, t_start, lock) ->
                  summary.provider, time.monotonic() - t_start)
     decode = ray.remote(decode_batch).options(num_cpus=cfg.decode_cpus, max_retries=3)
     spec = {**contract.decode_kwargs(), "max_pixels": cfg.max_pixels, "pseudonym_key": cfg.pseudonym_key,
+            "thumbnails": cfg.thumbnails,
             "fast_jpeg": cfg.fast_jpeg}
     spec_ref = ray.put(spec)
 
@@ -382,7 +392,7 @@ def _run(cfg, contract, model_sha, out, done, run_id, started, t_start, lock) ->
     def todo():
         for item in iter_inputs(cfg.inputs, cfg.from_list, exclude=[out]):
             walked["total"] += 1
-            key = row_key(item.path, item.size, item.mtime_ns, model_sha)
+            key = row_key(item.path, item.size, item.mtime_ns, model_sha, secret)
             if key in done:
                 summary.already_done += 1
                 continue
@@ -392,7 +402,7 @@ def _run(cfg, contract, model_sha, out, done, run_id, started, t_start, lock) ->
                 listed.add(key)
             if item.error:  # not opened (special file) or could not be stat'ed: a row straight from the driver
                 writer_rows([_driver_row(item, key, item.reason, item.error, contract, model_sha, run_id,
-                                         "skipped" if item.skipped else "error")])
+                                         "skipped" if item.skipped else "error", cfg.pseudonym_key)])
                 continue
             yield item, key
         walked["finished"] = True
@@ -423,7 +433,7 @@ def _run(cfg, contract, model_sha, out, done, run_id, started, t_start, lock) ->
             except (ray.exceptions.RayError) as e:  # task/actor died beyond retries: rows, not loss
                 msg = type(e).__name__  # its text may quote a path: keep identifiers out of the output
                 rows = [_driver_row(it, key, INTERNAL, f"worker failed ({msg}); rerun to retry", contract,
-                                    model_sha, run_id) for it, key in items]
+                                    model_sha, run_id, pseudonym_key=cfg.pseudonym_key) for it, key in items]
             stages["batch_latency_ms"].add(((time.monotonic() - t_sub) * 1e3,))
             writer_rows(rows)
             if not t_first_row:
@@ -480,11 +490,22 @@ def _run(cfg, contract, model_sha, out, done, run_id, started, t_start, lock) ->
 
 
 def _driver_row(item, key: int, reason: str, message: str, contract: Contract, model_sha: str, run_id: str,
-                status: str = "error") -> dict:
-    return {"path": item.path, "key": key, "status": status, "reason": reason, "message": message,
+                status: str = "error", pseudonym_key: str | None = None) -> dict:
+    return {"path": shown_path(item.path, pseudonym_key), "key": key, "status": status, "reason": reason, "message": message,
             "threshold": contract.threshold, "model_sha256": model_sha, "provider": None,
             "file_size": item.size if item.size >= 0 else None,
             "mtime_ns": item.mtime_ns if item.mtime_ns >= 0 else None, "run_id": run_id}
+
+
+def _config_record(cfg: ScreenConfig) -> dict:
+    """The run's options for run.json. Input paths may name patients: under --pseudonymize they are
+    recorded as pseudonyms, and the key itself never."""
+    rec = {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()}
+    if cfg.pseudonym_key:
+        rec["pseudonym_key"] = "<set>"
+        rec["inputs"] = [shown_path(os.path.abspath(p), cfg.pseudonym_key) for p in cfg.inputs]
+        rec["from_list"] = "<set>" if cfg.from_list else None
+    return rec
 
 
 def _run_record(cfg, contract, model_sha, run_id, plan, providers, summary, stages, started, writer, t_start) -> dict:
@@ -499,8 +520,7 @@ def _run_record(cfg, contract, model_sha, run_id, plan, providers, summary, stag
         "run_id": run_id,
         "started": dt.datetime.fromtimestamp(started, dt.timezone.utc).isoformat(),
         "ended": dt.datetime.now(dt.timezone.utc).isoformat(),
-        "config": {k: ("<set>" if k == "pseudonym_key" and v else str(v) if isinstance(v, Path) else v)
-                   for k, v in asdict(cfg).items()},
+        "config": _config_record(cfg),
         "workers": plan,
         "model": {"path": str(cfg.model), "sha256": model_sha, "contract": json.loads(contract.to_json())},
         "execution_providers": providers,

@@ -94,10 +94,33 @@ def exact_path(path: str, path_bytes: bytes | None) -> bytes:
     return path_bytes if path_bytes is not None else path.encode("utf-8")
 
 
-def row_key(path: str, size: int, mtime_ns: int, model_sha256: str) -> int:
-    """64-bit key of (path, size, mtime, model): 8 bytes per file in the resume index."""
+SECRET = ".covidct-secret"
+
+
+def out_secret(out: Path) -> bytes | None:
+    """OUT_DIR's own key for row keys (32 random bytes, mode 0600), made with its first run.
+
+    Keys are then MACs: a row's key cannot be searched for the redacted parts of its path. An
+    OUT_DIR whose parts predate the secret keeps unkeyed keys (None), so that it still resumes."""
+    path = Path(out) / SECRET
+    if path.exists():
+        return path.read_bytes()
+    if any((Path(out) / PREDICTIONS).glob("part-*.parquet")):
+        log.warning("OUT_DIR has rows without a secret (an older version wrote them): its row keys stay unkeyed")
+        return None
+    fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(os.urandom(32))
+        f.flush()
+        os.fsync(f.fileno())
+    return path.read_bytes()
+
+
+def row_key(path: str, size: int, mtime_ns: int, model_sha256: str, secret: bytes | None = None) -> int:
+    """64-bit key of (path, size, mtime, model): 8 bytes per file in the resume index; keyed by
+    OUT_DIR's secret (a MAC) when there is one."""
     h = hashlib.blake2b(f"{model_sha256}\0{size}\0{mtime_ns}\0{path}".encode("utf-8", "surrogateescape"),
-                        digest_size=8)
+                        digest_size=8, key=secret or b"")
     return int.from_bytes(h.digest(), "little", signed=True)
 
 
@@ -202,11 +225,11 @@ class PartWriter:
             os.replace(tmp, final)
             _fsync_dir(self.dir)
         except OSError as e:
-            try:
-                tmp.unlink(missing_ok=True)
-            except OSError:
-                pass
+            _discard(tmp)
             raise OutputError(f"cannot write {final.name} in {self.dir}: {e.strerror or e}") from None
+        except BaseException:  # Ctrl-C or SIGTERM mid-write: no half part left behind
+            _discard(tmp)
+            raise
         if self.first_write_at is None:
             self.first_write_at = time.time()
         self.rows_written += self._n
@@ -236,6 +259,13 @@ class PartWriter:
                            message=f"the row could not be written ({type(e).__name__}); rerun to retry")
             rows.append(row)
         return pa.Table.from_pylist(rows, schema=SCHEMA)
+
+
+def _discard(tmp: Path) -> None:
+    try:
+        tmp.unlink(missing_ok=True)
+    except OSError:
+        pass
 
 
 def _fsync_dir(path: Path) -> None:

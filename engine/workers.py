@@ -30,6 +30,28 @@ def pseudonymize(uid: str, key: str | None) -> str:
     return "2.25." + str(int.from_bytes(digest, "big"))
 
 
+def pseudonym_path(path: str, key: str) -> str:
+    """A path that names no folder or file: ``/pseudonymized/<folder hash>/<file hash><ext>``.
+
+    Keyed hashes (HMAC-SHA256, first 16 hex digits) of the exact folder and path bytes: files of
+    one folder share its pseudonym (``--group-by parent`` still groups them), and whoever holds the
+    key finds a row's file by hashing candidate paths."""
+    import hashlib
+    import hmac
+
+    def h(text: str) -> str:
+        return hmac.new(key.encode(), os.fsencode(text), hashlib.sha256).hexdigest()[:16]
+
+    ext = os.path.splitext(path)[1]
+    ext = ext if len(ext) <= 6 and ext[1:].isalnum() and ext.isascii() else ""
+    return f"/pseudonymized/{h(os.path.dirname(path))}/{h(path)}{ext.lower()}"
+
+
+def shown_path(path: str, key: str | None) -> str:
+    """The path as rows show it: as is, or its pseudonym under --pseudonymize."""
+    return pseudonym_path(path, key) if key else path
+
+
 def decode_batch(items: list[tuple[str, int, int, int]], spec: dict) -> dict:
     """Ray task: read and decode+resize each file; one uint8 (k, H, W, 1) array for the k frames that decoded.
 
@@ -42,8 +64,10 @@ def decode_batch(items: list[tuple[str, int, int, int]], spec: dict) -> dict:
     cv2.setNumThreads(1)  # one Ray CPU per task: OpenCV must not start a pool of its own
     h, w = spec["image_size"]
     images, meta = [], []
+    thumbs = spec.get("thumbnails", "auto")
     for path, size, mtime_ns, key in items:
-        base = {"path": path, "file_size": size, "mtime_ns": mtime_ns, "key": key}
+        base = {"path": shown_path(path, spec.get("pseudonym_key")), "file_size": size, "mtime_ns": mtime_ns,
+                "key": key}
         t0 = time.perf_counter()
         try:
             data = read_file(path)
@@ -55,20 +79,22 @@ def decode_batch(items: list[tuple[str, int, int, int]], spec: dict) -> dict:
         except Exception as e:  # noqa: BLE001  a file's failure, whatever it is, is that file's row alone
             if not isinstance(e, DecodeError):
                 e = DecodeError(CORRUPT, f"could not be decoded ({type(e).__name__})")
-            meta.append({**base, "path": redact(path, e.redact), "status": "skipped" if e.skipped else "error",
+            meta.append({**base, "path": redact(base["path"], e.redact), "status": "skipped" if e.skipped else "error",
                          "reason": e.code, "message": redact(e.message, e.redact),
                          "read_ms": (time.perf_counter() - t0) * 1e3, "decode_ms": 0.0})
             continue
         for img, sl, framing in frames:
             images.append(img)
+            # a thumbnail only where no burned-in text can show: never for DICOM unless BurnedInAnnotation is NO
             row = {**base, "status": "ok", "reason": None, "message": None, "read_ms": (t1 - t0) * 1e3,
-                   "decode_ms": (t2 - t1) * 1e3 / len(frames)}
+                   "decode_ms": (t2 - t1) * 1e3 / len(frames),
+                   "_thumbnail": thumbs == "on" or (thumbs == "auto" and (sl is None or sl.burned_in_text_absent))}
             stats = slice_stats(img, framing)  # the shift alarm's statistics: a few floats, no pixels
             if stats is not None:
                 row.update(stats, framing=framing.fallback)
             if sl is not None:
                 k = spec.get("pseudonym_key")
-                row.update(path=redact(path, sl.identifying), study_uid=pseudonymize(sl.study_uid, k),
+                row.update(path=redact(base["path"], sl.identifying), study_uid=pseudonymize(sl.study_uid, k),
                            series_uid=pseudonymize(sl.series_uid, k), sop_uid=pseudonymize(sl.sop_uid, k),
                            instance_number=sl.instance_number, slice_position=sl.slice_position, frame=sl.frame)
             meta.append(row)
@@ -112,7 +138,7 @@ class PredictorActor:
                 p = float(probs[k])
                 pos = p >= c.threshold
                 row.update(probability=p, positive=pos, label=c.class_names[int(pos)], infer_ms=share,
-                           thumbnail=thumbnail(images[k, :, :, 0]) if pos else None)
+                           thumbnail=thumbnail(images[k, :, :, 0]) if pos and m.get("_thumbnail") else None)
                 k += 1
             rows.append(row)
         return rows

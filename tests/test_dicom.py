@@ -289,7 +289,10 @@ def test_tcia_archive_rows_studies_no_identifiers_and_report(tmp_path):
     assert "Research use only" in html and 'id="histogram"' in html
     assert f"<td class=\"n-ok\">{len(files)}</td>" in html
     flagged = studies[(studies.level == "study") & studies.decision]
-    assert html.count("data:image/jpeg;base64,") >= len(flagged) > 0
+    # thumbnails only where the header says no text is burned in (absent or YES: none)
+    no_text = [f for f in files if str(pydicom.dcmread(f, stop_before_pixels=True).get("BurnedInAnnotation", ""))
+               .strip().upper() == "NO"]
+    assert len(flagged) > 0 and (html.count("data:image/jpeg;base64,") > 0) == bool(no_text)
     assert all(s in html for s in flagged.study)
     assert "http://" not in html.replace("http://www.w3.org/2000/svg", "") and "https://" not in html
 
@@ -391,3 +394,85 @@ except DecodeError as e:
 """], capture_output=True, text=True, cwd=ROOT, timeout=300)
     code, grew_mb = probe.stdout.split()
     assert code == "too_large" and int(grew_mb) < 64, probe.stdout + probe.stderr[-2000:]
+
+
+PLANTED = {"PatientName": "Doe^Johnathan", "PatientID": "ZQ", "PatientBirthDate": "19610407",
+           "StudyDate": "20200315", "InstitutionName": "Saint Elsewhere Hospital", "AccessionNumber": "ACX99317"}
+#: Every form in which the planted values may be written into a path, a name or a log.
+VARIANTS = ["Doe^Johnathan", "DOE^JOHNATHAN", "Doe_Johnathan", "doe johnathan", "Johnathan", "19610407", "1961-04-07",
+            "07.04.1961", "20200315", "2020-03-15", "15.03.2020", "Elsewhere", "ACX99317"]
+SHORT = ["ZQ"]  # too short to search in binary blobs; searched in every text value and on the console
+
+
+def _plant(root: Path) -> None:
+    """A patient's folder as archives name them, with DICOM, a truncated DICOM, burned-in text and siblings."""
+    patient = root / "DOE^JOHNATHAN_ZQ" / "Doe_Johnathan_2020-03-15_ACX99317"
+    patient.mkdir(parents=True)
+    ds = pydicom.dcmread(dicom_file("CT_small.dcm"))
+    for k, v in PLANTED.items():
+        setattr(ds, k, v)
+    ds.BurnedInAnnotation = "YES"
+    for i in range(3):
+        ds.SOPInstanceUID = generate_uid()
+        ds.save_as(patient / f"19610407_{i}.dcm")
+    data = (patient / "19610407_0.dcm").read_bytes()
+    (patient / "15.03.2020_trunc.dcm").write_bytes(data[:len(data) // 2])  # truncated: an error row
+    (patient / "notes_doe_johnathan.txt").write_text("clinical notes\n")  # a sibling: skipped
+    img = np.zeros((200, 200), np.uint8)
+    cv2.putText(img, "DOE JOHNATHAN", (5, 100), cv2.FONT_HERSHEY_SIMPLEX, 0.6, 255, 2)
+    cv2.imwrite(str(patient / "scout_Johnathan.png"), img)  # a sibling image
+    (root / "DOE^JOHNATHAN_ZQ" / "README").write_text("nothing")
+
+
+def _texts(value) -> list[str]:
+    if isinstance(value, (bytes, bytearray)):
+        return [bytes(value).decode("latin-1")]
+    return [str(value)] if value is not None else []
+
+
+def test_no_planted_identifier_leaks_by_any_route(tmp_path):
+    import pandas as pd
+    import pyarrow.parquet as pq
+
+    from engine.sink import row_key
+
+    root = tmp_path / "archive"
+    _plant(root)
+    out = tmp_path / "out"
+    model = tiny_model(tmp_path / "m.onnx", (64, 64), threshold=0.0)  # every slice flagged: thumbnails wanted
+    env = {**os.environ, "COVIDCT_PSEUDONYM_KEY": "k" * 32}
+    ray_logs = Path("/tmp/ray")
+    before = {p for p in ray_logs.glob("session_*")} if ray_logs.exists() else set()
+    r = run_cli("covidct-batch", root / "DOE^JOHNATHAN_ZQ", "--model", model, "--out", out, "--pseudonymize",
+                "--group-by", "parent", "--num-cpus", "2", "--no-progress", "--verbose", env=env)
+    assert r.returncode == 1, r.stderr[-3000:]  # the truncated DICOM
+    rows = read_rows(out)
+    assert len(rows) == 7 and (rows.status == "ok").sum() == 4
+    # burned-in text: no thumbnail for DICOM whose BurnedInAnnotation is YES
+    assert rows[rows.path.str.endswith(".dcm") & (rows.status == "ok")].thumbnail.isna().all()
+
+    texts = [r.stdout, r.stderr]
+    for f in out.rglob("*"):
+        if not f.is_file():
+            continue
+        texts.append(f.name)
+        texts.extend(_texts(f.read_bytes()))  # raw bytes (run.json, report.html, the lock)
+        if f.suffix == ".parquet":  # compressed: read every value
+            for col in pq.read_table(f).to_pandas().astype(object).to_numpy().ravel():
+                texts.extend(_texts(col))
+    for session in ({p for p in ray_logs.glob("session_*")} - before):
+        for f in session.rglob("*"):
+            if f.is_file() and f.suffix in (".log", ".out", ".err", ".txt", ".json"):
+                texts.extend(_texts(f.read_bytes()))
+    blob = "\n".join(texts)
+    for v in VARIANTS:
+        assert v.lower() not in blob.lower(), v
+    words = "\n".join([r.stdout, r.stderr, *[str(x) for x in rows.astype(object).drop(columns="thumbnail")
+                                              .to_numpy().ravel()], (out / "run.json").read_text()])
+    for v in SHORT:
+        assert not pd.Series(words.split()).str.fullmatch(rf".*(?<![A-Za-z0-9]){v}(?![A-Za-z0-9]).*").any(), v
+    # the row key is a MAC: the unkeyed hash of (model, size, mtime, path) of each real file matches none
+    real = [p for p in (root / "DOE^JOHNATHAN_ZQ").rglob("*") if p.is_file()]
+    unkeyed = {row_key(str(p), p.stat().st_size, p.stat().st_mtime_ns, rows.model_sha256.iloc[0]) for p in real}
+    assert not unkeyed & set(rows.key)
+    assert oct((out / ".covidct-secret").stat().st_mode & 0o777) == "0o600"
