@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .headers import codestream_size
 from .reasons import CORRUPT, TOO_LARGE, TRUNCATED, DecodeError
 
 #: Transfer syntaxes and what decodes them. The project installs python-gdcm (BSD) and
@@ -154,20 +155,6 @@ def check_pixel_budget(ds, frames: int, ts, max_pixels: int) -> None:
         total += size[0] * size[1]
         if total > max_pixels:
             raise DecodeError(TOO_LARGE, f"its codestreams declare {total:,}+ pixels, over the limit of {max_pixels:,}")
-
-
-def codestream_size(head: bytes) -> tuple[int, int] | None:
-    """(width, height) a JPEG or JPEG 2000 codestream declares, from its first bytes; None if neither."""
-    import struct
-
-    from .decode import _jpeg_size
-
-    if head[:4] == b"\xff\x4f\xff\x51" and len(head) >= 24:  # SOC, SIZ: Xsiz, Ysiz, XOsiz, YOsiz
-        x, y, xo, yo = struct.unpack(">IIII", head[8:24])
-        return max(0, x - xo), max(0, y - yo)
-    if head[:2] == b"\xff\xd8":
-        return _jpeg_size(head)
-    return None
 
 
 def _int_or_none(value) -> int | None:

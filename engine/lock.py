@@ -48,6 +48,10 @@ def _pid_start(pid: int) -> str:
         return ""
 
 
+def holder_text(h: dict) -> str:
+    return f"host {h.get('host', '?')}, pid {h.get('pid', '?')}, started {h.get('started', '?')}"
+
+
 def _alive(pid: int, start: str) -> bool:
     try:
         os.kill(pid, 0)
@@ -70,9 +74,6 @@ class OutDirLock:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
-    def holder_text(self, h: dict) -> str:
-        return f"host {h.get('host', '?')}, pid {h.get('pid', '?')}, started {h.get('started', '?')}"
-
     def acquire(self) -> "OutDirLock":
         me = {"host": socket.gethostname(), "boot_id": _boot_id(), "pid": os.getpid(),
               "pid_start": _pid_start(os.getpid()), "token": self.token,
@@ -85,7 +86,7 @@ class OutDirLock:
                 if holder is None or not self._stale(holder):
                     h = holder or {}
                     raise LockedError(f"{self.path.parent} is in use by another covidct-batch run ("
-                                      f"{self.holder_text(h)}); wait for it to end, or give another --out")
+                                      f"{holder_text(h)}); wait for it to end, or give another --out")
                 self._break(holder)
                 continue
             with os.fdopen(fd, "w") as f:
@@ -137,7 +138,7 @@ class OutDirLock:
                 os.link(aside, self.path)
         else:
             self.took_over = {k: holder.get(k) for k in ("host", "pid", "started")}
-            log.warning("took over a stale lock of OUT_DIR (%s): that run is gone", self.holder_text(holder))
+            log.warning("took over a stale lock of OUT_DIR (%s): that run is gone", holder_text(holder))
         with contextlib.suppress(OSError):
             aside.unlink()
 

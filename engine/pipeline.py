@@ -30,15 +30,14 @@ import numpy as np
 from . import __version__
 from .contract import DISCLAIMER, Contract, ContractError, read_contract, sha256_file
 from .decode import MAX_PIXELS
-from .predictor import ModelError
-from .shift import STATS, Histograms, compare
 from .lock import LockedError, OutDirLock
+from .predictor import ModelError
 from .reasons import INTERNAL
 from .report import REPORT, RUN, build_report, write_json
-from .sink import PREDICTIONS, DoneIndex, KeySet, OutputError, PartWriter, out_secret, row_key
-from .sink import SECRET
-from .studies import STUDIES
+from .shift import STATS, Histograms, compare
+from .sink import PREDICTIONS, SECRET, DoneIndex, KeySet, OutputError, PartWriter, out_secret, row_key
 from .sources import iter_inputs
+from .studies import STUDIES
 from .stats import Progress, Reservoir
 from .workers import PredictorActor, decode_batch, shown_path
 
@@ -149,7 +148,6 @@ def start_ray(cfg: ScreenConfig):
 
     if ray.is_initialized():  # e.g. tests that share one runtime
         return False
-    check_auth_mode(cfg)
     # Decoders' own messages (libpng, libjpeg) go to the workers' logs, not the console: the row says it.
     kwargs = dict(include_dashboard=False, log_to_driver=cfg.worker_logs, configure_logging=False)
     on_term = signal.getsignal(signal.SIGTERM) if threading.current_thread() is threading.main_thread() else None
@@ -176,12 +174,17 @@ def start_ray(cfg: ScreenConfig):
     return True
 
 
+def _is_gcs_address(address: str) -> bool:
+    """Whether ``--address`` names a GCS host:port (not "auto", "local" or a ray:// client URL)."""
+    return address not in ("auto", "local") and "://" not in address
+
+
 def requires_token(address: str, timeout: float = 10.0) -> bool:
     """Whether the cluster's GCS refuses a call that carries no token (False: it is open to anyone).
 
     One unauthenticated read of the node table through Ray's own gRPC stubs; anything but a
     success counts as protected (ray.init then reports what is wrong)."""
-    if address in ("auto", "local") or "://" in address:
+    if not _is_gcs_address(address):
         return True
     try:
         import grpc
@@ -200,7 +203,7 @@ def requires_token(address: str, timeout: float = 10.0) -> bool:
 
 def check_reachable(address: str, timeout: float = 5.0) -> None:
     """Fail in seconds, not minutes, when ``--address`` cannot be reached (Ray itself retries for long)."""
-    if address in ("auto", "local") or "://" in address:
+    if not _is_gcs_address(address):
         return
     import socket
 
@@ -300,10 +303,6 @@ def _locked_run(cfg: ScreenConfig, out: Path, lock: OutDirLock, started: float, 
             (out / name).unlink(missing_ok=True)
     try:
         pred_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise RunError(f"cannot write OUT_DIR {out}: {e.strerror or e}") from None
-
-    try:
         secret = out_secret(out)
     except OSError as e:
         raise RunError(f"cannot write OUT_DIR {out}: {e.strerror or e}") from None
@@ -375,8 +374,7 @@ def _run(cfg, contract, model_sha, out, done, run_id, started, t_start, lock, se
                  summary.provider, time.monotonic() - t_start)
     decode = ray.remote(decode_batch).options(num_cpus=cfg.decode_cpus, max_retries=3)
     spec = {**contract.decode_kwargs(), "max_pixels": cfg.max_pixels, "pseudonym_key": cfg.pseudonym_key,
-            "thumbnails": cfg.thumbnails,
-            "fast_jpeg": cfg.fast_jpeg}
+            "thumbnails": cfg.thumbnails, "fast_jpeg": cfg.fast_jpeg}
     spec_ref = ray.put(spec)
 
     writer = PartWriter(out / PREDICTIONS, run_id, cfg.rows_per_part, cfg.part_seconds)
@@ -491,7 +489,8 @@ def _run(cfg, contract, model_sha, out, done, run_id, started, t_start, lock, se
 
 def _driver_row(item, key: int, reason: str, message: str, contract: Contract, model_sha: str, run_id: str,
                 status: str = "error", pseudonym_key: str | None = None) -> dict:
-    return {"path": shown_path(item.path, pseudonym_key), "key": key, "status": status, "reason": reason, "message": message,
+    return {"path": shown_path(item.path, pseudonym_key), "key": key, "status": status, "reason": reason,
+            "message": message,
             "threshold": contract.threshold, "model_sha256": model_sha, "provider": None,
             "file_size": item.size if item.size >= 0 else None,
             "mtime_ns": item.mtime_ns if item.mtime_ns >= 0 else None, "run_id": run_id}

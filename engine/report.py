@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import html
+import json
 import os
 from pathlib import Path
 
@@ -116,7 +117,7 @@ threshold {thr:.4f}, provider {_esc(', '.join(run['execution_providers']))}.</p>
     parts.append("<h2>Slice probabilities</h2>" + histogram_svg(rows.probability_histogram(), thr))
 
     parts.append("<h2>Flagged studies</h2>")
-    st = _studies(out)
+    st = top_studies(out / STUDIES, MAX_FLAGGED, flagged_only=True)
     if st is not None and st["studies"]:
         flagged = st["shown"]
         parts.append(f"<p>{st['flagged']} of {st['studies']} studies flagged (mean of the top {st['top_k']} "
@@ -157,10 +158,6 @@ threshold {thr:.4f}, provider {_esc(', '.join(run['execution_providers']))}.</p>
     return out / REPORT
 
 
-def _studies(out: Path) -> dict | None:
-    return top_studies(out / STUDIES, MAX_FLAGGED, flagged_only=True)
-
-
 def build_report(out: Path, top_k: int | None = None, group_by: str | None = "<from run.json>") -> dict:
     """studies.parquet and report.html from OUT_DIR alone (its parts and run.json); updates run.json.
 
@@ -168,8 +165,6 @@ def build_report(out: Path, top_k: int | None = None, group_by: str | None = "<f
     run, covidct-report after a crash or to change the rule without screening again.
     Returns the updated run record: ``studies``, and ``current`` (rows by status now current in
     OUT_DIR for this model, earlier runs' included)."""
-    import json
-
     from .studies import Rows
 
     out = Path(out)
@@ -190,8 +185,6 @@ def build_report(out: Path, top_k: int | None = None, group_by: str | None = "<f
 
 def write_json(path: Path, record: dict) -> None:
     """``record`` as JSON, atomically (temporary file, rename)."""
-    import json
-
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(record, indent=2, default=str))
     os.replace(tmp, path)

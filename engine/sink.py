@@ -159,19 +159,17 @@ class KeySet:
 
     def __init__(self, buffer: int = 65536):
         self._sorted = np.zeros(0, np.int64)
-        self._buf: list[int] = []
-        self._set: set[int] = set()
+        self._recent: set[int] = set()
         self._cap = buffer
 
     def add(self, key: int) -> None:
-        self._buf.append(key)
-        self._set.add(key)
-        if len(self._buf) >= self._cap:
-            self._sorted = np.union1d(self._sorted, np.asarray(self._buf, np.int64))
-            self._buf, self._set = [], set()
+        self._recent.add(key)
+        if len(self._recent) >= self._cap:
+            self._sorted = np.union1d(self._sorted, np.fromiter(self._recent, np.int64, len(self._recent)))
+            self._recent = set()
 
     def __contains__(self, key: int) -> bool:
-        if key in self._set:
+        if key in self._recent:
             return True
         i = np.searchsorted(self._sorted, key)
         return bool(i < len(self._sorted) and self._sorted[i] == key)

@@ -7,7 +7,6 @@ before the walk ends.
 
 from __future__ import annotations
 
-import dataclasses
 import errno
 import os
 import stat
@@ -36,26 +35,22 @@ class Item:
 
 
 def _stat_item(path: str, entry: os.DirEntry | None = None) -> Item:
-    """Stat ``path`` (following links) and decide whether it may be opened at all."""
-    if entry is None:
-        return dataclasses.replace(_stat(path, None), listed=True)
-    return _stat(path, entry)
+    """Stat ``path`` (following links) and decide whether it may be opened at all.
 
-
-def _stat(path: str, entry: os.DirEntry | None) -> Item:
+    ``entry`` is the walk's; without one the path was named (command line, list)."""
+    listed = entry is None
+    is_link = entry.is_symlink if entry is not None else lambda: os.path.islink(path)
     try:
         st = entry.stat() if entry is not None else os.stat(path)
     except OSError as e:
-        link = entry.is_symlink() if entry is not None else os.path.islink(path)
-        if link and e.errno in (errno.ENOENT, errno.ELOOP, errno.ENOTDIR):
-            return Item(path, -1, -1, "dangling symbolic link")
-        return Item(path, -1, -1, e.strerror or str(e))
+        if e.errno in (errno.ENOENT, errno.ELOOP, errno.ENOTDIR) and is_link():
+            return Item(path, -1, -1, "dangling symbolic link", listed=listed)
+        return Item(path, -1, -1, e.strerror or str(e), listed=listed)
     if not stat.S_ISREG(st.st_mode):
-        link = entry.is_symlink() if entry is not None else os.path.islink(path)
         what = file_kind(st.st_mode)
-        msg = (f"symbolic link to a {what}" if link else what) + ": not a regular file, never opened"
-        return Item(path, -1, -1, msg, NOT_A_REGULAR_FILE, skipped=True)
-    return Item(path, st.st_size, st.st_mtime_ns)
+        msg = (f"symbolic link to a {what}" if is_link() else what) + ": not a regular file, never opened"
+        return Item(path, -1, -1, msg, NOT_A_REGULAR_FILE, skipped=True, listed=listed)
+    return Item(path, st.st_size, st.st_mtime_ns, listed=listed)
 
 
 def walk(root: str, exclude: frozenset[tuple[int, int]] = frozenset()) -> Iterator[Item]:

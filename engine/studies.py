@@ -76,16 +76,16 @@ class Rows:
         self.con = duckdb.connect(config={
             "memory_limit": memory_limit, "temp_directory": str(self.tmp), "preserve_insertion_order": False,
             "threads": threads or min(4, os.cpu_count() or 1)})
-        parts = sorted(str(p) for p in (self.out / PREDICTIONS).glob("part-*.parquet"))
-        if parts:
-            have = {r[0] for r in self.con.execute(
-                "SELECT name FROM parquet_schema(?)", [parts]).fetchall()}
-            cols = ", ".join(c if c in have else f"CAST(NULL AS {_sql_type(c)}) AS {c}" for c in _CURRENT)
+        self.parts = sorted(str(p) for p in (self.out / PREDICTIONS).glob("part-*.parquet"))
+        # parts written before a column existed lack it: NULL of its type
+        have = {r[0] for r in self.con.execute("SELECT name FROM parquet_schema(?)", [self.parts]).fetchall()} \
+            if self.parts else set()
+        cols = ", ".join(c if c in have else f"CAST(NULL AS {_sql_type(c)}) AS {c}" for c in _CURRENT)
+        if self.parts:
             source = f"(SELECT {cols} FROM read_parquet(?, union_by_name=true) WHERE model_sha256 = ?)"
-            params = [parts, model_sha256]
+            params = [self.parts, model_sha256]
         else:
-            source = "(SELECT " + ", ".join(f"CAST(NULL AS {_sql_type(c)}) AS {c}" for c in _CURRENT) + " WHERE false)"
-            params = []
+            source, params = f"(SELECT {cols} WHERE false)", []
         grp = group_sql(group_by)
         # redacted DICOM paths can coincide (same patient, same file name on two dates): the SOP UID tells them apart
         self.con.execute(f"""
@@ -133,7 +133,6 @@ class Rows:
         if not studies:
             return {}
         self.con.execute("CREATE OR REPLACE TEMP TABLE shown AS SELECT unnest(?) AS study", [studies])
-        parts = sorted(str(p) for p in (self.out / PREDICTIONS).glob("part-*.parquet"))
         rows = self.con.execute(f"""
             WITH t AS (
                 SELECT coalesce(study_uid, {group_sql(self.group_by)}) AS study, probability, thumbnail
@@ -141,7 +140,7 @@ class Rows:
                 WHERE thumbnail IS NOT NULL AND model_sha256 = ?)
             SELECT study, probability, thumbnail FROM t SEMI JOIN shown USING (study)
             QUALIFY row_number() OVER (PARTITION BY study ORDER BY probability DESC) <= {int(per_study)}
-            ORDER BY study, probability DESC""", [parts, self.sha]).fetchall() if parts else []
+            ORDER BY study, probability DESC""", [self.parts, self.sha]).fetchall() if self.parts else []
         best: dict[str, list[tuple[float, bytes]]] = {}
         for study, p, b in rows:
             best.setdefault(study, []).append((p, b))
@@ -187,7 +186,7 @@ class Rows:
                         chunk = cur.fetchmany(batch_rows)
                         if not chunk:
                             break
-                        records = [self._record(level, keys, row, cur.description, threshold, top_k, reference)
+                        records = [self._record(level, row, cur.description, threshold, top_k, reference)
                                    for row in chunk]
                         writer.write_table(pa.Table.from_pylist(records, schema=SCHEMA))
                         if level == "study":
@@ -199,7 +198,7 @@ class Rows:
         return summary
 
     @staticmethod
-    def _record(level, keys, row, description, threshold, top_k, reference) -> dict:
+    def _record(level, row, description, threshold, top_k, reference) -> dict:
         d = dict(zip((c[0] for c in description), row))
         hist = Histograms()
         hist.n = int(d["n_stats"])

@@ -8,6 +8,8 @@ array by reference and return the rows the driver writes. Pixels never reach the
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import os
 import time
 
@@ -20,14 +22,16 @@ from .predictor import Predictor
 from .shift import slice_stats
 
 
+def _keyed(key: str, data: bytes) -> bytes:
+    """HMAC-SHA256 of ``data`` under the --pseudonymize key."""
+    return hmac.new(key.encode(), data, hashlib.sha256).digest()
+
+
 def pseudonymize(uid: str, key: str | None) -> str:
     """A keyed hash of a UID, itself a valid UID (2.25.<decimal>); the same key gives the same value."""
     if not uid or key is None:
         return uid
-    import hashlib
-    import hmac
-    digest = hmac.new(key.encode(), uid.encode(), hashlib.sha256).digest()[:16]
-    return "2.25." + str(int.from_bytes(digest, "big"))
+    return "2.25." + str(int.from_bytes(_keyed(key, uid.encode())[:16], "big"))
 
 
 def pseudonym_path(path: str, key: str) -> str:
@@ -36,11 +40,8 @@ def pseudonym_path(path: str, key: str) -> str:
     Keyed hashes (HMAC-SHA256, first 16 hex digits) of the exact folder and path bytes: files of
     one folder share its pseudonym (``--group-by parent`` still groups them), and whoever holds the
     key finds a row's file by hashing candidate paths."""
-    import hashlib
-    import hmac
-
     def h(text: str) -> str:
-        return hmac.new(key.encode(), os.fsencode(text), hashlib.sha256).hexdigest()[:16]
+        return _keyed(key, os.fsencode(text)).hex()[:16]
 
     ext = os.path.splitext(path)[1]
     ext = ext if len(ext) <= 6 and ext[1:].isalnum() and ext.isascii() else ""
@@ -65,9 +66,9 @@ def decode_batch(items: list[tuple[str, int, int, int]], spec: dict) -> dict:
     h, w = spec["image_size"]
     images, meta = [], []
     thumbs = spec.get("thumbnails", "auto")
+    pkey = spec.get("pseudonym_key")
     for path, size, mtime_ns, key in items:
-        base = {"path": shown_path(path, spec.get("pseudonym_key")), "file_size": size, "mtime_ns": mtime_ns,
-                "key": key}
+        base = {"path": shown_path(path, pkey), "file_size": size, "mtime_ns": mtime_ns, "key": key}
         t0 = time.perf_counter()
         try:
             data = read_file(path)
@@ -93,9 +94,8 @@ def decode_batch(items: list[tuple[str, int, int, int]], spec: dict) -> dict:
             if stats is not None:
                 row.update(stats, framing=framing.fallback)
             if sl is not None:
-                k = spec.get("pseudonym_key")
-                row.update(path=redact(base["path"], sl.identifying), study_uid=pseudonymize(sl.study_uid, k),
-                           series_uid=pseudonymize(sl.series_uid, k), sop_uid=pseudonymize(sl.sop_uid, k),
+                row.update(path=redact(base["path"], sl.identifying), study_uid=pseudonymize(sl.study_uid, pkey),
+                           series_uid=pseudonymize(sl.series_uid, pkey), sop_uid=pseudonymize(sl.sop_uid, pkey),
                            instance_number=sl.instance_number, slice_position=sl.slice_position, frame=sl.frame)
             meta.append(row)
     batch = np.stack(images)[..., None] if images else np.empty((0, h, w, 1), np.uint8)
