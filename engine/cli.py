@@ -32,6 +32,12 @@ from .logs import setup_logging
 @click.option("--rows-per-part", type=click.IntRange(1), default=None,
               help="Rows per Parquet part file (20000); a part is also written every 30 s.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--runtime", type=click.Choice(["auto", "onnxruntime", "openvino"]), default="auto", show_default=True,
+              help="Inference runtime on the CPU; auto: OpenVINO only where installed, in parity and measured faster "
+                   "here (the measurement is cached per machine).")
+@click.option("--precision", type=click.Choice(["fp32", "int8", "bf16"]), default="fp32", show_default=True,
+              help="Opt-in reduced precision: int8 runs MODEL's twin NAME.int8.onnx (covidct-export --int8), bf16 "
+                   "needs OpenVINO and a CPU with BF16. Falls back to FP32 where not faster here, and says so.")
 @click.option("--address", default=None, help="Join this Ray cluster (e.g. 10.0.0.5:6379) instead of a local runtime.")
 @click.option("--allow-unauthenticated-cluster", is_flag=True,
               help="Join an --address cluster even though it requires no token (refused otherwise).")
@@ -51,7 +57,7 @@ from .logs import setup_logging
 @click.option("--no-progress", is_flag=True, help="No progress line on stderr.")
 @click.option("-v", "--verbose", is_flag=True)
 def main(inputs, model, out, from_list, overwrite, batch_size, num_cpus, predictors, inference_threads,
-         max_in_flight, rows_per_part, device, address, allow_unauthenticated_cluster, group_by, top_k, pseudonymize,
+         max_in_flight, rows_per_part, device, runtime, precision, address, allow_unauthenticated_cluster, group_by, top_k, pseudonymize,
          thumbnails, fast_jpeg, no_progress, verbose):
     """Screen CT slices under INPUT... (folders, files) with MODEL; one prediction row per file.
 
@@ -76,7 +82,7 @@ def main(inputs, model, out, from_list, overwrite, batch_size, num_cpus, predict
             sys.exit(2)
     try:
         cfg = ScreenConfig(inputs=tuple(inputs), model=model, out=out, from_list=from_list, overwrite=overwrite,
-                           device=device, address=address, progress=not no_progress, group_by=group_by,
+                           device=device, runtime=runtime, precision=precision, address=address, progress=not no_progress, group_by=group_by,
                            pseudonym_key=key, fast_jpeg=fast_jpeg, worker_logs=verbose, thumbnails=thumbnails,
                            allow_unauthenticated_cluster=allow_unauthenticated_cluster,
                            **{k: v for k, v in opts.items() if v is not None})
@@ -116,6 +122,16 @@ def format_summary(run: dict, out: Path) -> str:
     lines.append("  latency ms p50/p95/p99: " + "; ".join(
         f"{k.replace('_ms', '')} {v['p50']}/{v['p95']}/{v['p99']}" for k, v in lat.items() if v["p50"] is not None))
     lines.append(f"  provider {', '.join(run['execution_providers'])}; model sha256 {run['model']['sha256'][:12]}")
+    inf = run.get("inference")
+    if inf:
+        from .runtimes import describe
+        lines.append(f"  inference: {describe(inf)}")
+        lines.extend(f"    note: {n}" for n in inf.get("notes", []))
+    if run.get("startup_s"):
+        s = run["startup_s"]
+        lines.append(f"  start-up: Ray up at {s['ray_up']:.1f} s, first row on disk {s['first_row_after_ray']:.2f} s "
+                     "after that" if s.get("first_row_after_ray") is not None else
+                     f"  start-up: Ray up at {s['ray_up']:.1f} s")
     if run.get("studies", {}).get("studies"):
         st = run["studies"]
         lines.append(f"  studies: {st['flagged']} flagged of {st['studies']} ({st['rule']})"

@@ -68,6 +68,8 @@ class ScreenConfig:
     decode_cpus: float = 1.0              # Ray CPUs per decode task (OpenCV runs single-threaded)
     max_in_flight: int | None = None      # batches submitted but not written; default from workers
     device: str = "auto"
+    runtime: str = "auto"                 # inference runtime on the CPU (engine.runtimes)
+    precision: str = "fp32"               # opt-in int8 / bf16 (engine.runtimes)
     address: str | None = None
     overwrite: bool = False
     max_pixels: int = MAX_PIXELS
@@ -90,6 +92,11 @@ class ScreenConfig:
             raise RunError(f"--batch-size must be >= 1, e.g. 32; got {self.batch_size}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise RunError(f"--device must be auto, cpu or cuda; got {self.device!r}")
+        from .runtimes import PRECISIONS, RUNTIMES
+        if self.runtime not in ("auto", *RUNTIMES):
+            raise RunError(f"--runtime must be auto, onnxruntime or openvino; got {self.runtime!r}")
+        if self.precision not in PRECISIONS:
+            raise RunError(f"--precision must be fp32, int8 or bf16; got {self.precision!r}")
         if self.top_k < 1:
             raise RunError(f"--top-k must be >= 1, e.g. 3; got {self.top_k}")
         from .studies import check_group_by
@@ -227,6 +234,14 @@ def tighten_token_file() -> None:
         pass
 
 
+def cpu_predictors(cfg: ScreenConfig, node_cpus: int, nodes: int = 1) -> tuple[int, int]:
+    """(predictors, threads each) on CPU nodes. One single-threaded predictor per CPU (up to 8 a node)
+    beats one session with N intra-op threads here (169 vs 162 images/s on 2 cores: no thread hand-offs
+    per operator)."""
+    predictors = cfg.predictors or min(node_cpus, 8) * nodes
+    return predictors, cfg.inference_threads or max(1, node_cpus * nodes // predictors)
+
+
 def plan_workers(cfg: ScreenConfig) -> dict:
     """Predictor count, threads and resources from what the Ray runtime has."""
     import ray
@@ -238,11 +253,10 @@ def plan_workers(cfg: ScreenConfig) -> dict:
     use_gpu = cfg.device != "cpu" and gpus > 0
     if cfg.device == "cuda" and not gpus:
         raise RunError("--device cuda: the Ray runtime has no GPU")
-    # CPU provider: one single-threaded predictor per CPU (up to 8 a node) beats one session with
-    # N intra-op threads here (169 vs 162 images/s on 2 cores: no thread hand-offs per operator).
-    per_node = 1 if use_gpu else min(node_cpus, 8)
-    predictors = cfg.predictors or (gpus if use_gpu else per_node * len(nodes))
-    threads = cfg.inference_threads or (2 if use_gpu else max(1, node_cpus * len(nodes) // predictors))
+    if use_gpu:
+        predictors, threads = cfg.predictors or gpus, cfg.inference_threads or 2
+    else:
+        predictors, threads = cpu_predictors(cfg, node_cpus, len(nodes))
     decode_slots = max(1, int(cpus / max(cfg.decode_cpus, 1e-3)))
     return {"nodes": len(nodes), "node_ids": [n["NodeID"] for n in nodes], "cpus": cpus, "gpus": gpus, "use_gpu": use_gpu, "predictors": predictors,
             "inference_threads": threads, "decode_slots": decode_slots,
@@ -312,8 +326,10 @@ def _locked_run(cfg: ScreenConfig, out: Path, lock: OutDirLock, started: float, 
 
     def prepare() -> None:
         try:
-            prep["contract"] = check_model(cfg.model)
-            prep["sha"] = sha256_file(cfg.model)
+            check_model(cfg.model)
+            prep["choice"] = choice = choose_inference(cfg)
+            prep["contract"] = check_model(Path(choice.model))  # the INT8 twin carries its own contract
+            prep["sha"] = sha256_file(choice.model)
             prep["done"] = DoneIndex.load(pred_dir, prep["sha"])
         except BaseException as e:  # re-raised in the main thread
             prep["error"] = e
@@ -326,21 +342,42 @@ def _locked_run(cfg: ScreenConfig, out: Path, lock: OutDirLock, started: float, 
         # Never leave while the worker is inside ONNX Runtime: an interpreter that exits under a
         # live native thread pool aborts ("terminate called without an active exception").
         worker.join()
-    log.debug("startup: Ray up and model checked at %.2f s", time.monotonic() - t_start)
+    t_ray = time.monotonic()
+    log.debug("startup: Ray up and model checked at %.2f s", t_ray - t_start)
     run_id = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]
     try:
         if "error" in prep:
             raise prep["error"]
-        return _run(cfg, prep["contract"], prep["sha"], out, prep["done"], run_id, started, t_start, lock, secret)
+        return _run(cfg, prep["contract"], prep["sha"], out, prep["done"], run_id, started, t_start, lock, secret,
+                    prep["choice"], t_ray)
     finally:
         if owns_ray:
             ray.shutdown()
 
 
-def _run(cfg, contract, model_sha, out, done, run_id, started, t_start, lock, secret) -> RunSummary:
+def choose_inference(cfg: ScreenConfig, gpu: bool | None = None):
+    """The run's runtime and precision (``engine.runtimes.choose``), measured on this machine."""
+    from .predictor import cuda_available
+    from .runtimes import RuntimeChoiceError, choose
+
+    if gpu is None:  # before Ray is up: a local runtime has a GPU where this machine has one
+        gpu = cfg.device == "cuda" or (cfg.device == "auto" and cfg.address is None and cuda_available())
+    threads = cpu_predictors(cfg, cfg.num_cpus or os.cpu_count() or 1)[1] if not gpu else 1
+    try:
+        return choose(cfg.model, cfg.runtime, cfg.precision, threads=threads, gpu=gpu)
+    except (RuntimeChoiceError, ContractError) as e:
+        raise RunError(str(e)) from None
+
+
+def _run(cfg, contract, model_sha, out, done, run_id, started, t_start, lock, secret, choice, t_ray) -> RunSummary:
     import ray
 
     plan = plan_workers(cfg)
+    if plan["use_gpu"] != (choice.isa == "CUDA"):  # Ray saw otherwise than this machine: decide again
+        choice = choose_inference(cfg, gpu=plan["use_gpu"])
+        if sha256_file(choice.model) != model_sha:
+            raise RunError("the Ray runtime's devices call for another model file than this machine's; "
+                           "give --device and --precision explicitly")
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     def placement(i: int):
@@ -354,7 +391,8 @@ def _run(cfg, contract, model_sha, out, done, run_id, started, t_start, lock, se
         ray.remote(PredictorActor).options(
             num_cpus=0 if not plan["use_gpu"] else 1, num_gpus=1 if plan["use_gpu"] else 0,
             max_restarts=3, max_task_retries=3, scheduling_strategy=placement(i),
-        ).remote(str(Path(cfg.model).resolve()), plan["inference_threads"], device, model_sha, run_id)
+        ).remote(str(Path(choice.model).resolve()), plan["inference_threads"], device, model_sha, run_id,
+                 choice.runtime, choice.precision)
         for i in range(plan["predictors"])]
     # Decoding starts while the predictors load the model; they must be up before any row is written.
     info_refs = [a.info.remote() for a in actors]
@@ -368,6 +406,8 @@ def _run(cfg, contract, model_sha, out, done, run_id, started, t_start, lock, se
         except ray.exceptions.RayActorError as e:
             raise RunError(f"predictor actors could not start: {e}") from None
         providers.extend(sorted({i["provider"] for i in infos}))
+        fell_back = sorted({i["note"] for i in infos if i.get("note")})
+        choice.notes.extend(n for n in fell_back if n not in choice.notes)
         summary.provider = ",".join(providers)
         log.info("Ray: %d node(s), %d CPU(s), %d GPU(s); %d predictor(s) x %d thread(s) on %s (ready at %.1f s)",
                  plan["nodes"], plan["cpus"], plan["gpus"], plan["predictors"], plan["inference_threads"],
@@ -442,7 +482,7 @@ def _run(cfg, contract, model_sha, out, done, run_id, started, t_start, lock, se
 
     def record(state: str) -> dict:
         return {"state": state, **_run_record(cfg, contract, model_sha, run_id, plan, providers, summary, stages,
-                                              started, writer, t_start)}
+                                              started, writer, t_start, choice, t_ray)}
 
     write_json(out / RUN, record("running"))  # covidct-report can rebuild from OUT_DIR even if this run dies
     next_actor = 0
@@ -507,13 +547,15 @@ def _config_record(cfg: ScreenConfig) -> dict:
     return rec
 
 
-def _run_record(cfg, contract, model_sha, run_id, plan, providers, summary, stages, started, writer, t_start) -> dict:
+def _run_record(cfg, contract, model_sha, run_id, plan, providers, summary, stages, started, writer, t_start,
+                choice, t_ray) -> dict:
     import cv2
     import onnxruntime
     import pyarrow
     import ray
 
     first_row_s = (writer.first_write_at - started) if writer.first_write_at else None
+    ray_up = t_ray - t_start
     return {
         "disclaimer": DISCLAIMER,
         "run_id": run_id,
@@ -523,6 +565,7 @@ def _run_record(cfg, contract, model_sha, run_id, plan, providers, summary, stag
         "workers": plan,
         "model": {"path": str(cfg.model), "sha256": model_sha, "contract": json.loads(contract.to_json())},
         "execution_providers": providers,
+        "inference": choice.to_dict(),
         "versions": {"covidct-batch": __version__, "onnxruntime": onnxruntime.__version__, "ray": ray.__version__,
                      "opencv": cv2.__version__, "pyarrow": pyarrow.__version__, "numpy": np.__version__,
                      "python": platform.python_version()},
@@ -535,6 +578,8 @@ def _run_record(cfg, contract, model_sha, run_id, plan, providers, summary, stag
         "images_per_s": round(summary.images_per_s, 2),
         "steady_images_per_s": round(summary.steady_images_per_s, 2) if summary.steady_images_per_s else None,
         "first_row_on_disk_s": round(first_row_s, 3) if first_row_s is not None else None,
+        "startup_s": {"ray_up": round(ray_up, 3),
+                      "first_row_after_ray": round(first_row_s - ray_up, 3) if first_row_s is not None else None},
         "latency_ms": {k: r.percentiles() for k, r in stages.items()},
         "rows_written": writer.rows_written,
         "exit_code": summary.exit_code,

@@ -68,20 +68,24 @@ def make_session(model_path: str, threads: int, device: str = "auto"):
 
 
 class Predictor:
-    """Loads the model once; maps a uint8 (N, H, W, 1) batch to N probabilities."""
+    """Loads the model once; maps a uint8 (N, H, W, 1) batch to N probabilities.
 
-    def __init__(self, model_path: str, threads: int, device: str = "auto"):
-        self.session, self.provider = make_session(model_path, threads, device)
-        meta = self.session.get_modelmeta().custom_metadata_map
-        self.contract: Contract = contract_from_metadata(meta, source=str(model_path))
+    ``runtime``/``precision``: what ``engine.runtimes.choose`` decided for the run (``model_path`` is
+    already the file of that precision)."""
+
+    def __init__(self, model_path: str, threads: int, device: str = "auto", runtime: str = "onnxruntime",
+                 precision: str = "fp32"):
+        from .runtimes import load
+
+        self.backend = load(model_path, runtime, precision, threads, device)
+        self.provider = self.backend.device
+        self.runtime, self.precision = runtime, precision
+        self.contract: Contract = contract_from_metadata(self.backend.metadata, source=str(model_path))
         c = self.contract
-        self._warm(np.zeros((1, c.height, c.width, c.channels), np.uint8))
-
-    def _warm(self, x: np.ndarray) -> None:
-        self.session.run([self.contract.output_name], {self.contract.input_name: x})
+        self.backend.run(np.zeros((1, c.height, c.width, c.channels), np.uint8))  # warm
 
     def predict(self, images: np.ndarray) -> tuple[np.ndarray, float]:
         """Probabilities of the positive class, and the batch's inference seconds."""
         t = time.perf_counter()
-        out = self.session.run([self.contract.output_name], {self.contract.input_name: images})[0]
-        return out.reshape(-1).astype(np.float32), time.perf_counter() - t
+        out = self.backend.run(images)
+        return out.astype(np.float32), time.perf_counter() - t

@@ -113,17 +113,25 @@ def thumbnail(img: np.ndarray, size: int = 96) -> bytes:
 class PredictorActor:
     """Ray actor around :class:`Predictor`: decoded batch in, result rows out."""
 
-    def __init__(self, model_path: str, threads: int, device: str, model_sha256: str, run_id: str):
-        self.predictor = Predictor(model_path, threads, device)
+    def __init__(self, model_path: str, threads: int, device: str, model_sha256: str, run_id: str,
+                 runtime: str = "onnxruntime", precision: str = "fp32"):
+        import ray
+
+        from .runtimes import OPENVINO, openvino_installed
+
+        self.node = ray.get_runtime_context().get_node_id()[:12]
+        self.note = None
+        if runtime == OPENVINO and not openvino_installed():  # a cluster node without it: same file, same maths
+            self.note = f"OpenVINO is not installed on Ray node {self.node}: it runs ONNX Runtime"
+            runtime = "onnxruntime"
+        self.predictor = Predictor(model_path, threads, device, runtime, precision)
         self.sha = model_sha256
         self.run_id = run_id
-        import ray
-        self.node = ray.get_runtime_context().get_node_id()[:12]
 
     def info(self) -> dict:
         import socket
         return {"provider": self.predictor.provider, "host": socket.gethostname(), "pid": os.getpid(),
-                "node": self.node}
+                "node": self.node, "runtime": self.predictor.runtime, "note": self.note}
 
     def predict(self, decoded: dict) -> list[dict]:
         c: Contract = self.predictor.contract
