@@ -27,7 +27,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from benchmarks.compare import cpu_flags
+from engine.runtimes import cpu_flags
 from engine.shift import STATS, Histograms
 from engine.sink import PREDICTIONS, SCHEMA
 

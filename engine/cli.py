@@ -127,6 +127,9 @@ def format_summary(run: dict, out: Path) -> str:
         from .runtimes import describe
         lines.append(f"  inference: {describe(inf)}")
         lines.extend(f"    note: {n}" for n in inf.get("notes", []))
+        if run["model"]["contract"].get("agreement"):
+            from .runtimes import agreement_line
+            lines.append(f"    {agreement_line(run['model']['contract']['agreement'])}")
     if run.get("startup_s"):
         s = run["startup_s"]
         lines.append(f"  start-up: Ray up at {s['ray_up']:.1f} s, first row on disk {s['first_row_after_ray']:.2f} s "

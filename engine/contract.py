@@ -77,6 +77,8 @@ class Contract:
         calibration: provenance of a threshold set by ``covidct-evaluate --calibrate`` (None when the
             threshold is training's): the local set, the date, the figures at the old and new
             threshold, and the original model's sha256.
+        agreement: for a reduced-precision model (``precision`` int8), how it agrees with the FP32
+            model it was made from on the training run's test split (``engine.metrics.agreement``).
     """
 
     image_size: tuple[int, int]
@@ -99,6 +101,7 @@ class Contract:
     architecture: str = ""
     reference: dict[str, Any] | None = None
     calibration: dict[str, Any] | None = None
+    agreement: dict[str, Any] | None = None
     schema_version: int = SCHEMA_VERSION
 
     def __post_init__(self) -> None:
@@ -135,6 +138,9 @@ class Contract:
         cal = self.calibration
         if cal is not None and (not isinstance(cal, dict) or not {"original_sha256", "previous_threshold"} <= set(cal)):
             p.append("calibration must be an object with at least original_sha256 and previous_threshold")
+        ag = self.agreement
+        if ag is not None and (not isinstance(ag, dict) or not {"n", "label_agreement"} <= set(ag)):
+            p.append("agreement must be an object with at least n and label_agreement")
         ts = self.target_sensitivity
         if ts is not None and (not isinstance(ts, (int, float)) or not 0.0 < float(ts) <= 1.0):
             p.append(f"target_sensitivity must be in (0, 1], e.g. 0.95; got {ts!r}")
@@ -182,7 +188,7 @@ class Contract:
             raise ContractError(f"contract has unknown keys {unknown} (written by a newer version?)")
         if data.get("schema_version", 1) == 1:
             unknown_v1 = sorted(set(data) & {"preprocessing", "target_sensitivity", "architecture", "reference",
-                                             "calibration"})
+                                             "calibration", "agreement"})
             if unknown_v1:
                 raise ContractError(f"a schema 1 contract cannot carry {unknown_v1}")
             data["preprocessing"] = {"method": RESIZE}  # what every schema 1 model was trained on

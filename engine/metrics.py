@@ -142,3 +142,17 @@ def calibration(y: np.ndarray, p: np.ndarray, bins: int = 10) -> dict:
         rows.append({"low": b / bins, "high": (b + 1) / bins, "n": k, "mean_probability": conf,
                      "positive_fraction": acc})
     return {"ece": float(ece) if len(p) else float("nan"), "bins": rows}
+
+
+def agreement(p_ref: np.ndarray, p_new: np.ndarray, threshold: float, y: np.ndarray | None = None) -> dict:
+    """How a reduced-precision model's probabilities ``p_new`` agree with the FP32 ones ``p_ref``:
+    the share of equal labels at ``threshold``, the largest difference, and with labels ``y`` both
+    ROC AUCs and their difference."""
+    p_ref, p_new = np.asarray(p_ref, np.float64), np.asarray(p_new, np.float64)
+    out = {"n": int(len(p_ref)), "threshold": float(threshold),
+           "label_agreement": float(np.mean((p_ref >= threshold) == (p_new >= threshold))) if len(p_ref) else None,
+           "max_abs_diff": float(np.max(np.abs(p_ref - p_new))) if len(p_ref) else None}
+    if y is not None and len(set(np.asarray(y).tolist())) == 2:
+        a, b = roc_auc(y, p_ref), roc_auc(y, p_new)
+        out.update(auc_fp32=round(a, 4), auc=round(b, 4), auc_difference=round(b - a, 4))
+    return out

@@ -326,9 +326,10 @@ def _locked_run(cfg: ScreenConfig, out: Path, lock: OutDirLock, started: float, 
 
     def prepare() -> None:
         try:
-            check_model(cfg.model)
-            prep["choice"] = choice = choose_inference(cfg)
-            prep["contract"] = check_model(Path(choice.model))  # the INT8 twin carries its own contract
+            contract = check_model(cfg.model)
+            prep["choice"] = choice = choose_inference(cfg, contract=contract)
+            # the INT8 twin carries its own contract
+            prep["contract"] = contract if choice.model == str(cfg.model) else check_model(Path(choice.model))
             prep["sha"] = sha256_file(choice.model)
             prep["done"] = DoneIndex.load(pred_dir, prep["sha"])
         except BaseException as e:  # re-raised in the main thread
@@ -355,7 +356,7 @@ def _locked_run(cfg: ScreenConfig, out: Path, lock: OutDirLock, started: float, 
             ray.shutdown()
 
 
-def choose_inference(cfg: ScreenConfig, gpu: bool | None = None):
+def choose_inference(cfg: ScreenConfig, gpu: bool | None = None, contract: Contract | None = None):
     """The run's runtime and precision (``engine.runtimes.choose``), measured on this machine."""
     from .predictor import cuda_available
     from .runtimes import RuntimeChoiceError, choose
@@ -364,7 +365,7 @@ def choose_inference(cfg: ScreenConfig, gpu: bool | None = None):
         gpu = cfg.device == "cuda" or (cfg.device == "auto" and cfg.address is None and cuda_available())
     threads = cpu_predictors(cfg, cfg.num_cpus or os.cpu_count() or 1)[1] if not gpu else 1
     try:
-        return choose(cfg.model, cfg.runtime, cfg.precision, threads=threads, gpu=gpu)
+        return choose(cfg.model, cfg.runtime, cfg.precision, threads=threads, gpu=gpu, contract=contract)
     except (RuntimeChoiceError, ContractError) as e:
         raise RunError(str(e)) from None
 
@@ -387,31 +388,42 @@ def _run(cfg, contract, model_sha, out, done, run_id, started, t_start, lock, se
         return NodeAffinitySchedulingStrategy(plan["node_ids"][i % len(plan["node_ids"])], soft=False)
 
     device = "cuda" if plan["use_gpu"] else "cpu"  # Ray saw no GPU: do not let ONNX Runtime try one
-    actors = [
-        ray.remote(PredictorActor).options(
-            num_cpus=0 if not plan["use_gpu"] else 1, num_gpus=1 if plan["use_gpu"] else 0,
-            max_restarts=3, max_task_retries=3, scheduling_strategy=placement(i),
-        ).remote(str(Path(choice.model).resolve()), plan["inference_threads"], device, model_sha, run_id,
-                 choice.runtime, choice.precision)
-        for i in range(plan["predictors"])]
-    # Decoding starts while the predictors load the model; they must be up before any row is written.
-    info_refs = [a.info.remote() for a in actors]
+    actors: list = []
+    info_refs: list = []
+    ready: dict[int, dict] = {}  # actor index -> its info, once it answered
     providers: list[str] = []
 
-    def predictors_ready() -> None:
-        if providers:
+    def add_actors(n: int) -> None:
+        """Start predictors up to ``n``. The first starts with the first batch and the others once the
+        first rows are written, so that on a small machine they do not slow the first row down."""
+        for i in range(len(actors), n):
+            actors.append(ray.remote(PredictorActor).options(
+                num_cpus=0 if not plan["use_gpu"] else 1, num_gpus=1 if plan["use_gpu"] else 0,
+                max_restarts=3, max_task_retries=3, scheduling_strategy=placement(i),
+            ).remote(str(Path(choice.model).resolve()), plan["inference_threads"], device, model_sha, run_id,
+                     choice.runtime, choice.precision))
+            info_refs.append(actors[-1].info.remote())
+
+    def actor_ready(i: int) -> None:
+        """A predictor's rows are written only once it answered: a model it cannot load stops the run."""
+        if i in ready:
             return
         try:
-            infos = ray.get(info_refs)
+            ready[i] = info = ray.get(info_refs[i])
         except ray.exceptions.RayActorError as e:
             raise RunError(f"predictor actors could not start: {e}") from None
-        providers.extend(sorted({i["provider"] for i in infos}))
-        fell_back = sorted({i["note"] for i in infos if i.get("note")})
-        choice.notes.extend(n for n in fell_back if n not in choice.notes)
+        if info["provider"] not in providers:
+            providers.append(info["provider"])
+        if info.get("note") and info["note"] not in choice.notes:
+            choice.notes.append(info["note"])
         summary.provider = ",".join(providers)
+
+    def predictors_ready() -> None:
+        for i in range(len(actors)):
+            actor_ready(i)
         log.info("Ray: %d node(s), %d CPU(s), %d GPU(s); %d predictor(s) x %d thread(s) on %s (ready at %.1f s)",
-                 plan["nodes"], plan["cpus"], plan["gpus"], plan["predictors"], plan["inference_threads"],
-                 summary.provider, time.monotonic() - t_start)
+                 plan["nodes"], plan["cpus"], plan["gpus"], len(actors), plan["inference_threads"],
+                 summary.provider or "-", time.monotonic() - t_start)
     decode = ray.remote(decode_batch).options(num_cpus=cfg.decode_cpus, max_retries=3)
     spec = {**contract.decode_kwargs(), "max_pixels": cfg.max_pixels, "pseudonym_key": cfg.pseudonym_key,
             "thumbnails": cfg.thumbnails, "fast_jpeg": cfg.fast_jpeg}
@@ -423,7 +435,7 @@ def _run(cfg, contract, model_sha, out, done, run_id, started, t_start, lock, se
     stages = {k: Reservoir() for k in ("read_ms", "decode_ms", "infer_ms", "batch_latency_ms")}
     progress = Progress(cfg.progress)
     listed = KeySet()  # files named on the command line or in --from-list may be named twice
-    in_flight: dict = {}  # ref -> (items, submitted monotonic)
+    in_flight: dict = {}  # ref -> (items, submitted monotonic, actor index)
     walked = {"total": 0, "finished": False}
     t_first_row: list[float] = []  # when the first rows came back, and how many they were
 
@@ -462,10 +474,10 @@ def _run(cfg, contract, model_sha, out, done, run_id, started, t_start, lock, se
                     stages[k].add((r[k],))
 
     def drain(block_for: int) -> None:
-        predictors_ready()
-        ready, _ = ray.wait(list(in_flight), num_returns=min(block_for, len(in_flight)))
-        for ref in ready:
-            items, t_sub = in_flight.pop(ref)
+        done_refs, _ = ray.wait(list(in_flight), num_returns=min(block_for, len(in_flight)))
+        for ref in done_refs:
+            items, t_sub, actor = in_flight.pop(ref)
+            actor_ready(actor)
             try:
                 rows = ray.get(ref)
             except (ray.exceptions.RayError) as e:  # task/actor died beyond retries: rows, not loss
@@ -477,6 +489,7 @@ def _run(cfg, contract, model_sha, out, done, run_id, started, t_start, lock, se
             if not t_first_row:
                 log.debug("startup: first rows written at %.2f s", time.monotonic() - t_start)
                 t_first_row.extend((time.monotonic(), sum(summary.counts.values())))
+                add_actors(plan["predictors"])
         total = walked["total"] - summary.already_done if walked["finished"] else None
         progress.update(sum(summary.counts.values()), total, summary.counts["error"])
 
@@ -491,9 +504,12 @@ def _run(cfg, contract, model_sha, out, done, run_id, started, t_start, lock, se
             while len(in_flight) >= plan["max_in_flight"]:
                 drain(1)
             dref = decode.remote([(i.path, i.size, i.mtime_ns, key) for i, key in batch], spec_ref)
+            if not actors:
+                log.debug("startup: first batch submitted at %.2f s", time.monotonic() - t_start)
+            add_actors(1)  # after the first decode: that one takes a worker Ray started beforehand
             ref = actors[next_actor % len(actors)].predict.remote(dref)
+            in_flight[ref] = (batch, time.monotonic(), next_actor % len(actors))
             next_actor += 1
-            in_flight[ref] = (batch, time.monotonic())
             del dref  # the actor call holds the only reference: the batch is freed once predicted
         while in_flight:
             drain(len(in_flight))

@@ -74,6 +74,22 @@ def calibration_note(cal: dict | None) -> str:
             f'<code>{_esc(str(cal.get("original_sha256"))[:16])}</code>.</p>')
 
 
+def inference_note(inf: dict | None, startup: dict | None, agreement: dict | None) -> str:
+    """Runtime, precision, instruction set, CPU flags and fallbacks; start-up apart from throughput."""
+    if not inf:
+        return ""
+    from .runtimes import agreement_line, describe
+
+    notes = "".join(f"<li>{_esc(n)}</li>" for n in inf.get("notes", []) + ([agreement_line(agreement)]
+                                                                          if agreement else []))
+    su = ""
+    if startup and startup.get("first_row_after_ray") is not None:
+        su = (f" Start-up: Ray up at {startup['ray_up']:.1f} s, first row on disk "
+              f"{startup['first_row_after_ray']:.2f} s after that.")
+    return (f'<p id="inference">Inference: {_esc(describe(inf))}.{_esc(su)}</p>'
+            + (f"<ul>{notes}</ul>" if notes else ""))
+
+
 def state_note(state: str | None) -> str:
     if state in (None, "complete"):
         return ""
@@ -106,6 +122,7 @@ table{{border-collapse:collapse;margin:.5em 0}}td,th{{border:1px solid #ccc;padd
 <p>Run <code>{_esc(run['run_id'])}</code>, {_esc(run['started'])} to {_esc(run['ended'])}. Model sha256
 <code>{_esc(sha[:16])}</code>, positive class <b>{_esc(run['model']['contract']['positive_class'])}</b>,
 threshold {thr:.4f}, provider {_esc(', '.join(run['execution_providers']))}.</p>
+{inference_note(run.get("inference"), run.get("startup_s"), run["model"]["contract"].get("agreement"))}
 {state_note(run.get("state"))}
 <h2>Counts</h2><table id="counts"><tr><th>files/slices in OUT_DIR</th><th>number</th></tr>"""]
     for k in ("ok", "error", "skipped"):

@@ -197,6 +197,13 @@ def describe(inf: dict) -> str:
                f" ({inf.get('source')})"))
 
 
+def agreement_line(ag: dict) -> str:
+    """A reduced-precision model's measured agreement with FP32 (its contract's ``agreement``), in words."""
+    auc = (f", ROC AUC {ag['auc']:.4f} against FP32's {ag['auc_fp32']:.4f}" if ag.get("auc") is not None else "")
+    return (f"agreement with FP32 measured at export on {ag['n']} test-split slices: "
+            f"{ag['label_agreement']:.1%} of labels equal{auc}")
+
+
 def _probe(contract, n: int) -> np.ndarray:
     return np.random.default_rng(0).integers(0, 256, (n, contract.height, contract.width, contract.channels),
                                              dtype=np.uint8)
@@ -265,14 +272,16 @@ class _Cache:
 
 
 def choose(model: Path, runtime: str = "auto", precision: str = FP32, threads: int = 1, gpu: bool = False,
-           probe_images: int = 8, use_cache: bool = True) -> Choice:
-    """Decide the runtime and precision of a run (see the module's text); raises RuntimeChoiceError."""
+           probe_images: int = 8, use_cache: bool = True, contract=None) -> Choice:
+    """Decide the runtime and precision of a run (see the module's text); raises RuntimeChoiceError.
+
+    ``contract``: the model's, when the caller has read it already."""
     if runtime not in ("auto", *RUNTIMES):
         raise RuntimeChoiceError(f"--runtime must be auto, {ONNXRUNTIME} or {OPENVINO}; got {runtime!r}")
     if precision not in PRECISIONS:
         raise RuntimeChoiceError(f"--precision must be fp32, int8 or bf16; got {precision!r}")
     model = Path(model)
-    contract = read_contract(model)
+    contract = contract or read_contract(model)
     flags = cpu_flags()
     asked = {"runtime": runtime, "precision": precision}
     if contract.precision == INT8:  # given the INT8 file itself: that is the precision

@@ -8,8 +8,9 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from engine.contract import Contract, read_contract
+from engine.contract import Contract, read_contract, sha256_file
 from engine.decode import decode_file
+from train.data import read_split
 from tests.conftest import run_cli
 
 
@@ -68,7 +69,20 @@ def test_int8_model_reported_beside_fp32(trained_run):
     report = json.loads(trained_run["model"].with_suffix(".export.json").read_text())["int8"]
     assert report["label_agreement_with_fp32"] >= 0.9
     assert report["int8_images_per_s"] > 0 and report["fp32_images_per_s"] > 0
-    assert read_contract(report["model"]).precision == "int8"
+    q = read_contract(report["model"])
+    assert q.precision == "int8"
+    # the INT8 model carries its agreement with FP32 on the whole test split, recomputed here
+    split = [r for r in read_split(trained_run["run"] / "split.csv") if r["split"] == "test"]
+    assert q.agreement["n"] == len(split) > 0
+    fp32 = read_contract(trained_run["model"])
+    x = np.stack([decode_file(r["path"], **fp32.decode_kwargs()) for r in split])[..., None]
+    p = {}
+    for name, path in (("fp32", trained_run["model"]), ("int8", report["model"])):
+        sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        p[name] = sess.run(None, {"image": x})[0][:, 0]
+    equal = np.mean((p["fp32"] >= fp32.threshold) == (p["int8"] >= fp32.threshold))
+    assert abs(q.agreement["label_agreement"] - equal) < 1e-9
+    assert q.agreement["fp32_sha256"] == sha256_file(trained_run["model"])
 
 
 def test_export_refuses_a_model_changed_after_training(trained_run, tmp_path):
