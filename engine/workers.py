@@ -1,9 +1,11 @@
 """The Ray side of a run: decode tasks and predictor actors. No driver state, no file writing.
 
-Decode tasks (``decode_batch``) read and decode+resize a batch of files with the contract's
-preprocessing into one uint8 array in the object store, plus a small meta row per frame or
-failed file. Predictor actors (``PredictorActor``) hold the ONNX Runtime session, take that
-array by reference and return the rows the driver writes. Pixels never reach the driver.
+``decode_batch`` reads and decode+resizes a batch of files with the contract's preprocessing
+into one uint8 array, plus a small meta row per frame or failed file. Predictor actors
+(``PredictorActor``) hold the model (ONNX Runtime or OpenVINO, ``engine.runtimes``) and return the
+rows the driver writes. On CPU nodes each predictor decodes its own batches (``screen``: one
+process a core, no hand-off); with a GPU, ``decode_batch`` runs as Ray tasks on every CPU and the
+GPU predictor takes their arrays from the object store (``predict``). Pixels never reach the driver.
 """
 
 from __future__ import annotations
@@ -132,6 +134,10 @@ class PredictorActor:
         import socket
         return {"provider": self.predictor.provider, "host": socket.gethostname(), "pid": os.getpid(),
                 "node": self.node, "runtime": self.predictor.runtime, "note": self.note}
+
+    def screen(self, items: list[tuple[str, int, int, int]], spec: dict) -> list[dict]:
+        """CPU nodes: decode the batch in this process, then predict it (no hand-off between processes)."""
+        return self.predict(decode_batch(items, spec))
 
     def predict(self, decoded: dict) -> list[dict]:
         c: Contract = self.predictor.contract
