@@ -2,8 +2,9 @@
 
 Run one per process (``python -m benchmarks.contenders NAME --archive DIR --model M.onnx
 --keras RUN_DIR --out DIR``); it prints one JSON line with images, seconds and latencies.
-Every contender decodes with the same OpenCV calls or its framework's own reader, and runs
-the same model.
+Every contender runs the same model. All but ``seeds_way`` make its inputs with the engine's
+decode function (the contract's preprocessing); ``seeds_way`` is the seeds' script as they ran it,
+TensorFlow's reader and resize, which skips a contract's lung-crop.
 """
 
 from __future__ import annotations
@@ -90,6 +91,19 @@ def plain_loop(args) -> dict:
             "latency_ms": _lat(lat), "stages_ms": {"decode": _lat(dec)}}
 
 
+def _predict_all(model, ds, t_start: float) -> dict:
+    """Keras ``predict_on_batch`` over every batch of ``ds``; start-up counted from ``t_start``."""
+    t = time.perf_counter()
+    startup = t - t_start
+    lat, n = [], 0
+    for batch in ds:
+        t0 = time.perf_counter()
+        model.predict_on_batch(batch)
+        lat.extend([(time.perf_counter() - t0) * 1e3 / len(batch)] * len(batch))
+        n += len(batch)
+    return {"images": n, "seconds": time.perf_counter() - t, "startup_s": startup, "latency_ms": _lat(lat)}
+
+
 def seeds_way(args) -> dict:
     """Keras model.predict over keras.utils.image_dataset_from_directory (grey, 256x256)."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -101,15 +115,30 @@ def seeds_way(args) -> dict:
     model = load_trained(Path(args.keras) / "model.keras", c.image_size, c.architecture or "seed")
     ds = keras.utils.image_dataset_from_directory(args.archive, labels=None, color_mode="grayscale",
                                                   image_size=c.image_size, batch_size=32, shuffle=False)
-    t = time.perf_counter()
-    startup = t - t_start
-    lat, n = [], 0
-    for batch in ds:
-        t0 = time.perf_counter()
-        model.predict_on_batch(batch)
-        lat.extend([(time.perf_counter() - t0) * 1e3 / len(batch)] * len(batch))
-        n += len(batch)
-    return {"images": n, "seconds": time.perf_counter() - t, "startup_s": startup, "latency_ms": _lat(lat)}
+    return _predict_all(model, ds, t_start)
+
+
+def keras_contract(args) -> dict:
+    """Keras predict over tf.data running the engine's decode function (the contract's preprocessing, e.g.
+    lung-crop) in parallel map calls: the seeds' way computing the same inputs as every other contender."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    t_start = time.perf_counter()
+    import tensorflow as tf
+
+    from train.model import load_trained
+    c = read_contract(args.model)
+    model = load_trained(Path(args.keras) / "model.keras", c.image_size, c.architecture or "seed")
+    kwargs = c.decode_kwargs()
+
+    def decode(path):
+        return decode_file(path.decode(), **kwargs)[..., None]
+
+    paths = list_images(args.archive)
+    ds = (tf.data.Dataset.from_tensor_slices(paths)
+          .map(lambda p: tf.ensure_shape(tf.numpy_function(decode, [p], tf.uint8), (*c.image_size, 1)),
+               num_parallel_calls=tf.data.AUTOTUNE)
+          .batch(32).prefetch(tf.data.AUTOTUNE))
+    return _predict_all(model, ds, t_start)
 
 
 def ray_data(args) -> dict:
@@ -145,7 +174,8 @@ def ray_data(args) -> dict:
     return {"images": len(paths), "seconds": seconds, "startup_s": startup}
 
 
-CONTENDERS = {"ceiling": ceiling, "plain_loop": plain_loop, "seeds_way": seeds_way, "ray_data": ray_data}
+CONTENDERS = {"ceiling": ceiling, "plain_loop": plain_loop, "seeds_way": seeds_way, "keras_contract": keras_contract,
+              "ray_data": ray_data}
 
 
 def main() -> None:

@@ -21,9 +21,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from benchmarks.compare import RESULTS, best_of, machine
-
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+from benchmarks.compare import RESULTS, SHARED, best_of, machine
 
 
 def model_costs(repeats: int = 7) -> list[dict]:

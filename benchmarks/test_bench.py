@@ -105,3 +105,56 @@ def test_lung_crop_and_shift_statistics_cost_little_beside_decoding(benchmark):
     benchmark.extra_info.update(**ms, added_ms=r["added_by_lung_crop_ms"], shift_stats_ms=r["shift_stats_ms"])
     assert r["added_by_lung_crop_ms"] <= 0.75 * ms["decode"], r  # measured 0.33-0.39x on real slices
     assert r["shift_stats_ms"] <= 0.02 * (ms["decode"] + ms["lung_crop"]), r  # the issue's 2% (model excluded)
+
+
+@pytest.fixture(scope="module")
+def default_arch_models(tmp_path_factory):
+    """The default architecture (random weights: the cost is the same) in FP32 and its INT8 twin,
+    written by covidct-export's converter and quantizer."""
+    import onnx
+
+    from engine.contract import Contract
+    from engine.runtimes import int8_twin
+    from export.convert import keras_to_onnx
+    from export.quantize import quantize_int8
+    from train.fit import ARCH_DEFAULTS
+    from train.model import build_model
+    from train.synthetic import phantom
+
+    size = tuple(ARCH_DEFAULTS["compact"]["image_size"])
+    contract = Contract(image_size=size, class_names=("neg", "pos"), positive_class="pos", threshold=0.5,
+                        architecture="compact")
+    proto = keras_to_onnx(build_model(size, 0, "compact"), contract)
+    fp32 = tmp_path_factory.mktemp("models") / "m.onnx"
+    onnx.save(proto, fp32)
+    rng = np.random.default_rng(0)
+    calibration = np.stack([phantom(rng, bool(k % 2), size) for k in range(32)])[..., None]
+    onnx.save(quantize_int8(proto, calibration, contract)[0], int8_twin(fp32))
+    return fp32
+
+
+@pytest.mark.parametrize("precision", ["fp32", "int8"])
+def test_runtime_choice_is_never_slower_than_onnxruntime_fp32(benchmark, default_arch_models, precision,
+                                                              tmp_path, monkeypatch):
+    """Issue 10: whatever ``--runtime auto`` picks (runtime and, for ``--precision int8``, INT8 or the
+    FP32 fallback), it runs the default model's batch at least as fast as ONNX Runtime FP32 does,
+    timed interleaved in this test (10% allowed for a shared machine's noise)."""
+    from engine import runtimes
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))  # measure now, not a cached choice
+    fp32 = default_arch_models
+    choice = benchmark.pedantic(runtimes.choose, args=(fp32,), kwargs={"precision": precision, "threads": 1},
+                                rounds=1, iterations=1)
+    chosen = runtimes.load(choice.model, choice.runtime, choice.precision, threads=1)
+    reference = runtimes.load(str(fp32), runtimes.ONNXRUNTIME, runtimes.FP32, threads=1)
+    x = np.random.default_rng(1).integers(0, 256, (32, *read_size(fp32), 1), dtype=np.uint8)
+    rate = runtimes.speeds({"chosen": chosen, "onnxruntime/fp32": reference}, x, rounds=7, budget_s=10.0)
+    ratio = rate["chosen"] / rate["onnxruntime/fp32"]
+    benchmark.extra_info.update(chosen=f"{choice.runtime}/{choice.precision}", ratio=round(ratio, 3),
+                                cpu_flags=choice.cpu_flags, measured_at_choice=choice.measured, notes=choice.notes)
+    assert ratio >= 0.9, (choice.to_dict(), rate)
+
+
+def read_size(model) -> tuple[int, int]:
+    from engine.contract import read_contract
+    return read_contract(model).image_size

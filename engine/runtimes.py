@@ -209,7 +209,7 @@ def _probe(contract, n: int) -> np.ndarray:
                                              dtype=np.uint8)
 
 
-def _speeds(backends: dict, x: np.ndarray, rounds: int, budget_s: float) -> dict:
+def speeds(backends: dict, x: np.ndarray, rounds: int, budget_s: float) -> dict:
     """Images/s of each backend on ``x``: interleaved rounds (a busy machine slows all alike), best of each."""
     best = {k: float("inf") for k in backends}
     t_end = time.perf_counter() + budget_s
@@ -336,8 +336,7 @@ def choose(model: Path, runtime: str = "auto", precision: str = FP32, threads: i
     with _Cache() as cache:
         hit = cache.data.get(key) if use_cache else None
         if hit:
-            choice = Choice(**{**hit, "source": "cache"})
-            return choice
+            return Choice(**{**hit, "source": "cache"})
         choice = _measure(candidates, files, contract, threads, probe_images, precision, flags, notes, base)
         if use_cache:
             cache.data[key] = choice.to_dict()
@@ -347,7 +346,7 @@ def choose(model: Path, runtime: str = "auto", precision: str = FP32, threads: i
 
 def _measure(candidates, files, contract, threads, probe_images, precision, flags, notes, base) -> Choice:
     x = _probe(contract, probe_images)
-    backends, parity = {}, {}
+    backends, outputs, parity = {}, {}, {}
     reference = {}
     for rt, p in candidates:
         name = f"{rt}/{p}"
@@ -359,15 +358,14 @@ def _measure(candidates, files, contract, threads, probe_images, precision, flag
         out = backends[name].run(x)
         if rt == ONNXRUNTIME:
             reference[p] = out
-        parity[name] = out
+        outputs[name] = out
     # parity against ONNX Runtime at the same precision (FP32 for bf16); a candidate that fails is dropped
     for name in list(backends):
         rt, p = name.split("/")
         ref = reference.get(INT8 if p == INT8 else FP32)
         if ref is None:
-            parity[name] = None
             continue
-        diff = float(np.max(np.abs(parity[name] - ref)))
+        diff = float(np.max(np.abs(outputs[name] - ref)))
         parity[name] = diff
         tol = INT8_PARITY_TOLERANCE if p == INT8 else (0.02 if p == BF16 else PARITY_TOLERANCE)
         if rt != ONNXRUNTIME and diff > tol:
@@ -375,24 +373,24 @@ def _measure(candidates, files, contract, threads, probe_images, precision, flag
             del backends[name]
     if not backends:
         raise RuntimeChoiceError("no runtime could load this model: " + "; ".join(notes))
-    speeds = _speeds(backends, x, rounds=5, budget_s=2.0)
-    by_speed = sorted(speeds, key=lambda k: -speeds[k])
+    rate = speeds(backends, x, rounds=5, budget_s=2.0)
+    by_speed = sorted(rate, key=lambda k: -rate[k])
     fp32 = [k for k in by_speed if k.endswith("/" + FP32)]
     reduced = [k for k in by_speed if not k.endswith("/" + FP32)]
     best_fp32 = fp32[0] if fp32 else None
-    if best_fp32 and ONNXRUNTIME + "/" + FP32 in speeds and best_fp32 != ONNXRUNTIME + "/" + FP32:
-        if speeds[best_fp32] < MARGIN * speeds[ONNXRUNTIME + "/" + FP32]:
+    if best_fp32 and ONNXRUNTIME + "/" + FP32 in rate and best_fp32 != ONNXRUNTIME + "/" + FP32:
+        if rate[best_fp32] < MARGIN * rate[ONNXRUNTIME + "/" + FP32]:
             best_fp32 = ONNXRUNTIME + "/" + FP32  # a tie keeps the default runtime
     pick = best_fp32
     if reduced:
         r = reduced[0]
-        if best_fp32 is None or speeds[r] >= MARGIN * speeds[best_fp32]:
+        if best_fp32 is None or rate[r] >= MARGIN * rate[best_fp32]:
             pick = r
         else:
-            notes.append(f"{precision.upper()} measured {speeds[r]:.0f} images/s against FP32's "
-                         f"{speeds[best_fp32]:.0f} on this CPU: running FP32 instead")
+            notes.append(f"{precision.upper()} measured {rate[r]:.0f} images/s against FP32's "
+                         f"{rate[best_fp32]:.0f} on this CPU: running FP32 instead")
     rt, p = pick.split("/")
     backends.clear()  # free the candidates before the predictors load
-    return Choice(rt, p, str(files[p]), isa(p, flags), measured=speeds,
-                  parity={k: v for k, v in parity.items() if isinstance(v, float)}, notes=notes, source="measured",
+    return Choice(rt, p, str(files[p]), isa(p, flags), measured=rate,
+                  parity=parity, notes=notes, source="measured",
                   **base)

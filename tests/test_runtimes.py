@@ -97,7 +97,7 @@ def test_int8_without_its_twin_fails_before_work(tmp_path):
 def test_int8_measured_slower_falls_back_to_fp32_and_says_so(models, monkeypatch):
     monkeypatch.setattr(runtimes, "cpu_flags", lambda: NO_FAST_PATHS)
     slow_int8 = {"onnxruntime/int8": 50.0, "openvino/int8": 60.0, "onnxruntime/fp32": 100.0, "openvino/fp32": 90.0}
-    monkeypatch.setattr(runtimes, "_speeds", lambda backends, x, **kw: {k: slow_int8[k] for k in backends})
+    monkeypatch.setattr(runtimes, "speeds", lambda backends, x, **kw: {k: slow_int8[k] for k in backends})
     c = runtimes.choose(models[0], precision="int8", use_cache=False)
     assert (c.runtime, c.precision, c.model) == ("onnxruntime", "fp32", str(models[0]))
     assert any("no VNNI" in n for n in c.notes) and any("running FP32 instead" in n for n in c.notes)
@@ -106,7 +106,7 @@ def test_int8_measured_slower_falls_back_to_fp32_and_says_so(models, monkeypatch
 def test_int8_measured_faster_is_kept_with_its_twin(models, monkeypatch):
     monkeypatch.setattr(runtimes, "cpu_flags", lambda: SAPPHIRE_RAPIDS)
     fast_int8 = {"onnxruntime/int8": 150.0, "openvino/int8": 300.0, "onnxruntime/fp32": 100.0, "openvino/fp32": 98.0}
-    monkeypatch.setattr(runtimes, "_speeds", lambda backends, x, **kw: {k: fast_int8[k] for k in backends})
+    monkeypatch.setattr(runtimes, "speeds", lambda backends, x, **kw: {k: fast_int8[k] for k in backends})
     c = runtimes.choose(models[0], precision="int8", use_cache=False)
     assert c.precision == "int8" and c.model == str(models[1]) and c.isa == "AMX-INT8"
     best = "openvino" if runtimes.openvino_installed() else "onnxruntime"
