@@ -183,10 +183,12 @@ def machine() -> dict:
             "numpy": np.__version__, "host_kind": platform.machine()}
 
 
-def contender(name: str, archive: Path, model: Path, work: Path, precision: str = "fp32") -> dict:
+def contender(name: str, archive: Path, model: Path, work: Path, precision: str = "fp32",
+              runtime: str | None = None) -> dict:
     keras = model.parent / "run"
     r = run_measured([sys.executable, "-m", "benchmarks.contenders", name, "--archive", str(archive), "--model",
-                      str(model), "--keras", str(keras), "--out", str(work / name), "--precision", precision])
+                      str(model), "--keras", str(keras), "--out", str(work / name), "--precision", precision,
+                      *(("--runtime", runtime) if runtime else ())])
     if r["rc"] != 0:
         raise RuntimeError(f"{name} failed:\n{r['stderr_tail']}")
     res = r["result"]
@@ -322,13 +324,9 @@ def markdown(report: dict) -> str:
         b = next(r for r in rows if r["name"] == "covidct-batch" and r["precision"] == "fp32")
         lines += ["", "covidct-batch stages (ms per image, p50/p95/p99): " + "; ".join(
             f"{k} {v['p50']}/{v['p95']}/{v['p99']}" for k, v in b["stages_ms"].items()), ""]
-        bound = report.get("decode_bound", {}).get(arch)
-        if bound:
-            lines += [f"Decode shares the cores: decode+preprocess {bound['decode_ms']:.2f} ms and inference "
-                      f"{bound['infer_core_ms']:.2f} core-ms per image (one thread, measured alone) bound the "
-                      f"steady state at {bound['bound_images_per_s']:.1f} images/s = "
-                      f"{bound['bound_x_ceiling']:.2f} x the ceiling on {m['cores']} cores.", ""]
-    lines += ["Contenders: seeds_way is the seeds' script (Keras `predict` over `image_dataset_from_directory`: "
+    lines += ["Contenders: the ceiling is inference alone on decoded tensors (all cores, best runtime and batch "
+              "size); per_core_loops is the ceiling with decoding: one single-threaded decode+inference loop per "
+              "core on its share of the files, all at once, writing nothing (a bound, not a tool). seeds_way is the seeds' script (Keras `predict` over `image_dataset_from_directory`: "
               "TensorFlow's reader and resize, not the contract's preprocessing, so for a lung-crop model its inputs "
               "differ); keras_contract is Keras `predict` over tf.data calling the engine's decode function in "
               "parallel map calls; ray_data and plain_loop also call it.", "",
@@ -383,8 +381,13 @@ def targets(report: dict) -> list[dict]:
             res.append({"target": f"[{arch}] end to end >= 1.0 x the seeds' way as they ran it (TensorFlow's reader "
                                   "and resize: no lung-crop)", "measured": round(v, 3), "met": v >= 1.0})
         v = b["images_per_s"] / ceil["images_per_s"]
-        res.append({"target": f"[{arch}] steady state >= 0.90 x the FP32 ceiling ({ceil.get('runtime')})",
-                    "measured": round(v, 3), "met": v >= 0.90})
+        res.append({"target": f"[{arch}] steady state >= 0.90 x the FP32 ceiling ({ceil.get('runtime')}, inference "
+                              "alone on decoded tensors)", "measured": round(v, 3), "met": v >= 0.90})
+        loops = get("per_core_loops")
+        if loops:
+            v = b["images_per_s"] / loops["images_per_s"]
+            res.append({"target": f"[{arch}] steady state >= 0.90 x the ceiling with decoding (per-core loops, "
+                                  f"{loops.get('runtime')})", "measured": round(v, 3), "met": v >= 0.90})
         q, pq = get("covidct-batch", "int8"), get("plain_loop", "int8")
         if q:
             v = q["images_per_s"] / b["images_per_s"]
@@ -411,28 +414,6 @@ def targets(report: dict) -> list[dict]:
     return res
 
 
-def decode_bound(archive: Path, model: Path) -> dict:
-    """Steady-state bound where decoding and inference share the cores: decode ms and inference
-    core-ms per image, each measured alone on one thread."""
-    import cv2
-
-    from engine.contract import read_contract
-    from engine.decode import decode_file
-    from engine.runtimes import load
-
-    cv2.setNumThreads(1)
-    c = read_contract(model)
-    paths = sorted(str(p) for p in archive.rglob("*.jpg"))[:256]
-    kw = c.decode_kwargs()
-    dec = best_of(lambda: [decode_file(p, **kw) for p in paths[:64]], 3) / 64
-    x = np.stack([decode_file(p, **kw) for p in paths[:32]])[..., None]
-    b = load(str(model), "onnxruntime", "fp32", 1)
-    inf = best_of(lambda: b.run(x), 3) / len(x)
-    cores = os.cpu_count()
-    bound = cores / (dec + inf)
-    return {"decode_ms": dec * 1e3, "infer_core_ms": inf * 1e3, "bound_images_per_s": bound}
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, default=20000)
@@ -448,9 +429,10 @@ def main() -> None:
     args = ap.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     archive = make_archive(args.work / f"archive_{args.n}", args.n)
-    names = args.only or ["ceiling", "covidct-batch", "seeds_way", "keras_contract", "ray_data", "plain_loop"]
+    names = args.only or ["ceiling", "covidct-batch", "per_core_loops", "seeds_way", "keras_contract", "ray_data",
+                          "plain_loop"]
     report = {"n": args.n, "date": time.strftime("%Y-%m-%d"), "machine": machine(), "by_arch": {},
-              "decode_bound": {}, "command": "python -m benchmarks.compare " + " ".join(sys.argv[1:])}
+              "command": "python -m benchmarks.compare " + " ".join(sys.argv[1:])}
     bf16 = any(f in report["machine"]["cpu_flags"] for f in ("avx512_bf16", "amx_bf16")) and openvino_installed()
     for arch in args.arch:
         model = make_model(args.work, archive, arch)
@@ -460,7 +442,7 @@ def main() -> None:
         covidct_batch(make_archive(args.work / "archive_64", 64), model, args.work / "warm")
         rows = report["by_arch"][arch] = []
         plan = [(n, "fp32") for n in names]
-        plan += [(n, "int8") for n in ("ceiling", "covidct-batch", "plain_loop") if n in names]
+        plan += [(n, "int8") for n in ("ceiling", "covidct-batch", "per_core_loops", "plain_loop") if n in names]
         plan += [(n, "bf16") for n in ("ceiling", "covidct-batch") if bf16 and n in names]
         for name, precision in plan:
             print(f"[{arch}] running {name} {precision} ...", file=sys.stderr, flush=True)
@@ -468,15 +450,11 @@ def main() -> None:
                 rows.append(covidct_batch(archive, model, args.work / "screen", ("--precision", precision)))
             else:
                 path = int8 if precision == "int8" else model
-                rows.append(contender(name, archive, path, args.work / arch, precision))
+                ours = next((r for r in rows if r["name"] == "covidct-batch" and r["precision"] == precision), {})
+                runtime = ours.get("runtime") if name == "per_core_loops" else None  # the runtime it chose
+                rows.append(contender(name, archive, path, args.work / arch, precision, runtime))
             print(f"  {rows[-1]['images_per_s']:.1f} img/s steady, {rows[-1]['end_to_end_images_per_s']:.1f} "
                   "end to end", file=sys.stderr, flush=True)
-        bound = decode_bound(archive, model)
-        ceil = next((r for r in rows if r["name"] == "ceiling" and r["precision"] == "fp32"), None)
-        if ceil:
-            bound["bound_images_per_s"] = min(bound["bound_images_per_s"], ceil["images_per_s"])
-            bound["bound_x_ceiling"] = bound["bound_images_per_s"] / ceil["images_per_s"]
-        report["decode_bound"][arch] = bound
     if not args.skip_rss:
         report["rss"] = rss_scaling(args.work, *args.rss_n)
     report["agreement"] = agreement_check(args.agreement_run)

@@ -71,11 +71,25 @@ def ceiling(args) -> dict:
 
 
 def plain_loop(args) -> dict:
-    """One process: cv2 decode+resize, ONNX Runtime in batches of 32."""
+    """One process: cv2 decode+resize, then the model in batches of 32 (ONNX Runtime unless ``--runtime``);
+    ``--shard K/N`` takes every N-th file from the K-th."""
+    from engine.runtimes import load
+
     c = read_contract(args.model)
     t_start = time.perf_counter()
-    sess = _session(args.model, os.cpu_count())
-    paths = list_images(args.archive)
+    threads = args.threads or os.cpu_count()
+    if threads == 1:
+        import cv2
+        cv2.setNumThreads(1)
+    if args.runtime == "onnxruntime":  # a user's own session, ONNX Runtime's defaults
+        sess = _session(args.model, threads)
+
+        def run(x):
+            return sess.run(None, {c.input_name: x})
+    else:
+        run = load(args.model, args.runtime, args.precision, threads).run
+    k, n = (int(v) for v in args.shard.split("/"))
+    paths = list_images(args.archive)[k::n]
     t = time.perf_counter()
     startup = t - t_start
     lat, dec = [], []
@@ -83,12 +97,33 @@ def plain_loop(args) -> dict:
         t0 = time.perf_counter()
         x = np.stack([decode_file(p, **c.decode_kwargs()) for p in paths[i:i + 32]])[..., None]
         t1 = time.perf_counter()
-        sess.run(None, {c.input_name: x})
+        run(x)
         t2 = time.perf_counter()
         lat.extend([(t2 - t0) * 1e3 / len(x)] * len(x))
         dec.extend([(t1 - t0) * 1e3 / len(x)] * len(x))
     return {"images": len(paths), "seconds": time.perf_counter() - t, "startup_s": startup,
-            "latency_ms": _lat(lat), "stages_ms": {"decode": _lat(dec)}}
+            "latency_ms": _lat(lat), "stages_ms": {"decode": _lat(dec)}, "runtime": args.runtime}
+
+
+def per_core_loops(args) -> dict:
+    """The ceiling with decoding: one single-threaded plain loop per core, each on its share of the
+    files, all at once, with no coordination, no output and no error handling. What the cores can do
+    when decoding and inference share them; steady rate = all images / the slowest loop's time."""
+    import subprocess
+
+    n = os.cpu_count()
+    procs = [subprocess.Popen([sys.executable, "-m", "benchmarks.contenders", "plain_loop", "--archive", args.archive,
+                               "--model", args.model, "--out", args.out, "--precision", args.precision,
+                               "--runtime", args.runtime, "--threads", "1", "--shard", f"{k}/{n}"],
+                              stdout=subprocess.PIPE, text=True) for k in range(n)]
+    results = []
+    for p in procs:
+        out, _ = p.communicate()
+        if p.returncode != 0:
+            raise RuntimeError(f"a per-core loop failed (exit {p.returncode})")
+        results.append(json.loads(next(line[7:] for line in out.splitlines() if line.startswith("RESULT "))))
+    return {"images": sum(r["images"] for r in results), "seconds": max(r["seconds"] for r in results),
+            "startup_s": max(r["startup_s"] for r in results), "runtime": args.runtime, "processes": n}
 
 
 def _predict_all(model, ds, t_start: float) -> dict:
@@ -174,8 +209,8 @@ def ray_data(args) -> dict:
     return {"images": len(paths), "seconds": seconds, "startup_s": startup}
 
 
-CONTENDERS = {"ceiling": ceiling, "plain_loop": plain_loop, "seeds_way": seeds_way, "keras_contract": keras_contract,
-              "ray_data": ray_data}
+CONTENDERS = {"ceiling": ceiling, "per_core_loops": per_core_loops, "plain_loop": plain_loop, "seeds_way": seeds_way,
+              "keras_contract": keras_contract, "ray_data": ray_data}
 
 
 def main() -> None:
@@ -186,7 +221,10 @@ def main() -> None:
     ap.add_argument("--keras", default=None)
     ap.add_argument("--out", required=True)
     ap.add_argument("--ceiling-images", type=int, default=1024)
-    ap.add_argument("--precision", default="fp32", help="ceiling only: fp32, int8 (give the INT8 file) or bf16")
+    ap.add_argument("--precision", default="fp32", help="ceiling and loops: fp32, int8 (give the INT8 file) or bf16")
+    ap.add_argument("--runtime", default="onnxruntime", help="plain_loop and per_core_loops: onnxruntime or openvino")
+    ap.add_argument("--threads", type=int, default=None, help="plain_loop: inference threads (default: all cores)")
+    ap.add_argument("--shard", default="0/1", help="plain_loop: K/N, every N-th file from the K-th")
     args = ap.parse_args()
     result = CONTENDERS[args.name](args)
     print("RESULT " + json.dumps(result), flush=True)
