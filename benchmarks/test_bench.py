@@ -97,14 +97,22 @@ def test_default_model_costs_no_more_than_the_seeds_cnn(benchmark):
 
 
 def test_lung_crop_and_shift_statistics_cost_little_beside_decoding(benchmark):
-    """lung-crop's added cost and the shift statistics, against decoding the same slices in the same run."""
+    """lung-crop's added cost and the shift statistics, against decoding the same slices in the same run.
+
+    The statistics take 1.5-2.0% of decode + lung-crop in single measurements on the shared 2-core
+    machine (0.05-0.08 ms): the median of three independent measurements is held to the issue's 2%."""
     from benchmarks.model_cost import preprocessing_cost
 
-    r = benchmark.pedantic(preprocessing_cost, kwargs={"limit": 60, "rounds": 3}, rounds=1, iterations=1)
+    runs = [benchmark.pedantic(preprocessing_cost, kwargs={"limit": 60, "rounds": 5}, rounds=1, iterations=1)]
+    runs += [preprocessing_cost(limit=60, rounds=5) for _ in range(2)]
+    r = runs[0]
     ms = r["ms_per_image_one_core"]
-    benchmark.extra_info.update(**ms, added_ms=r["added_by_lung_crop_ms"], shift_stats_ms=r["shift_stats_ms"])
+    shares = sorted(x["shift_stats_ms"] / (x["ms_per_image_one_core"]["decode"] + x["ms_per_image_one_core"]["lung_crop"])
+                    for x in runs)
+    benchmark.extra_info.update(**ms, added_ms=r["added_by_lung_crop_ms"], shift_stats_ms=r["shift_stats_ms"],
+                                shift_stats_shares=[round(v, 4) for v in shares])
     assert r["added_by_lung_crop_ms"] <= 0.75 * ms["decode"], r  # measured 0.33-0.39x on real slices
-    assert r["shift_stats_ms"] <= 0.02 * (ms["decode"] + ms["lung_crop"]), r  # the issue's 2% (model excluded)
+    assert shares[1] <= 0.02, runs  # the issue's 2% (model excluded), the median of three
 
 
 @pytest.fixture(scope="module")
