@@ -10,12 +10,14 @@ project's default, ``compact``, and the seeds' CNN), exports a model with random
 is the same) and its INT8 twin through covidct-export. Then, one after another: the ceiling (the
 fastest runtime the project ships, alone on decoded tensors), covidct-batch (its CLI, end to end
 and steady state; its runtime choice measured and cached by a short run first, as a user's later
-runs find it), the seeds' way (Keras predict over image_dataset_from_directory), Keras predict
-over the contract's inputs, the Ray Data idiom and a plain loop, at FP32; then the ceiling, covidct-batch and the plain loop at INT8 (and BF16
-where the CPU has it). Each runs in its own process session; peak RSS is the sum over all of that
+runs find it), per-core loops (the ceiling with decoding), the seeds' way (Keras predict over
+image_dataset_from_directory), Keras predict over the contract's inputs, the Ray Data idiom and a
+plain loop, at FP32; then the ceiling, covidct-batch, the per-core loops and the plain loop at INT8
+(and BF16 where the CPU has it). Each runs in its own process session; peak RSS is the sum over all of that
 session's processes (Ray's included), sampled every 0.1 s. ``--agreement-run`` names a
 covidct-train run exported with ``--int8``: each reduced precision and runtime is compared with
-FP32 on the real images of its test split and of another hospital's folders. The CPU flags are named beside every figure.
+FP32 on the real images of its test split and of another hospital's folders. The CPU flags are
+named beside every figure.
 """
 
 from __future__ import annotations
@@ -231,22 +233,6 @@ def rss_scaling(work: Path, small: int, large: int) -> dict:
     return res
 
 
-def _labelled_images(pairs, contract) -> tuple[np.ndarray, np.ndarray]:
-    """Decoded model inputs and labels (1: positive) of (path, is_positive) pairs; unreadable files left out."""
-    from engine.decode import DecodeError, decode_file
-
-    imgs, y = [], []
-    for path, positive in pairs:
-        try:
-            imgs.append(decode_file(path, **contract.decode_kwargs()))
-            y.append(int(positive))
-        except (DecodeError, OSError):
-            pass
-    if not imgs:
-        return np.zeros((0, *contract.image_size, 1), np.uint8), np.zeros(0, int)
-    return np.stack(imgs)[..., None], np.asarray(y)
-
-
 def agreement_check(run_dir: Path | None, other_site: Path = SHARED / "ucsd-covid-ct") -> dict | None:
     """Each reduced precision and runtime against FP32 (ONNX Runtime) on real images: the test split of
     a covidct-train run (its split.csv, model.onnx and model.int8.onnx) and, where present, every
@@ -256,18 +242,19 @@ def agreement_check(run_dir: Path | None, other_site: Path = SHARED / "ucsd-covi
     from engine.labels import resolve_classes
     from engine.metrics import agreement
     from engine.runtimes import BF16, BF16_FLAGS, INT8, ONNXRUNTIME, OPENVINO, load
+    from export.exporter import split_images
 
     if run_dir is None or not (run_dir / "model.onnx").is_file() or not (run_dir / "split.csv").is_file():
         return None
     fp32 = run_dir / "model.onnx"
     c = read_contract(fp32)
     with open(run_dir / "split.csv", newline="") as f:
-        test = [(r["path"], r["class"] == c.positive_class) for r in csv.DictReader(f) if r["split"] == "test"]
-    sets = {"test split": _labelled_images(test, c)}
+        sets = {"test split": split_images(list(csv.DictReader(f)), "test", 10 ** 9, c)}
     if other_site.is_dir():
         _, pos = resolve_classes(other_site)
         files = sorted(p for p in other_site.rglob("*") if p.is_file() and not p.name.startswith("."))
-        sets[other_site.name] = _labelled_images([(p, p.parent.name == pos) for p in files], c)
+        rows = [{"path": p, "split": "other", "class": c.positive_class if p.parent.name == pos else ""} for p in files]
+        sets[other_site.name] = split_images(rows, "other", 10 ** 9, c)
     sets = {k: v for k, v in sets.items() if len(v[0])}
     if not sets:
         return None
@@ -326,7 +313,8 @@ def markdown(report: dict) -> str:
             f"{k} {v['p50']}/{v['p95']}/{v['p99']}" for k, v in b["stages_ms"].items()), ""]
     lines += ["Contenders: the ceiling is inference alone on decoded tensors (all cores, best runtime and batch "
               "size); per_core_loops is the ceiling with decoding: one single-threaded decode+inference loop per "
-              "core on its share of the files, all at once, writing nothing (a bound, not a tool). seeds_way is the seeds' script (Keras `predict` over `image_dataset_from_directory`: "
+              "core on its share of the files, all at once, writing nothing (a bound, not a tool). seeds_way is "
+              "the seeds' script (Keras `predict` over `image_dataset_from_directory`: "
               "TensorFlow's reader and resize, not the contract's preprocessing, so for a lung-crop model its inputs "
               "differ); keras_contract is Keras `predict` over tf.data calling the engine's decode function in "
               "parallel map calls; ray_data and plain_loop also call it.", "",

@@ -90,12 +90,13 @@ def plain_loop(args) -> dict:
         run = load(args.model, args.runtime, args.precision, threads).run
     k, n = (int(v) for v in args.shard.split("/"))
     paths = list_images(args.archive)[k::n]
+    kwargs = c.decode_kwargs()
     t = time.perf_counter()
     startup = t - t_start
     lat, dec = [], []
     for i in range(0, len(paths), 32):
         t0 = time.perf_counter()
-        x = np.stack([decode_file(p, **c.decode_kwargs()) for p in paths[i:i + 32]])[..., None]
+        x = np.stack([decode_file(p, **kwargs) for p in paths[i:i + 32]])[..., None]
         t1 = time.perf_counter()
         run(x)
         t2 = time.perf_counter()
@@ -139,15 +140,21 @@ def _predict_all(model, ds, t_start: float) -> dict:
     return {"images": n, "seconds": time.perf_counter() - t, "startup_s": startup, "latency_ms": _lat(lat)}
 
 
+def _keras_model(args):
+    """(the trained Keras model of ``--keras``, the ONNX model's contract)."""
+    from train.model import load_trained
+
+    c = read_contract(args.model)
+    return load_trained(Path(args.keras) / "model.keras", c.image_size, c.architecture or "seed"), c
+
+
 def seeds_way(args) -> dict:
     """Keras model.predict over keras.utils.image_dataset_from_directory (grey, 256x256)."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     t_start = time.perf_counter()
     import keras
 
-    from train.model import load_trained
-    c = read_contract(args.model)
-    model = load_trained(Path(args.keras) / "model.keras", c.image_size, c.architecture or "seed")
+    model, c = _keras_model(args)
     ds = keras.utils.image_dataset_from_directory(args.archive, labels=None, color_mode="grayscale",
                                                   image_size=c.image_size, batch_size=32, shuffle=False)
     return _predict_all(model, ds, t_start)
@@ -160,16 +167,13 @@ def keras_contract(args) -> dict:
     t_start = time.perf_counter()
     import tensorflow as tf
 
-    from train.model import load_trained
-    c = read_contract(args.model)
-    model = load_trained(Path(args.keras) / "model.keras", c.image_size, c.architecture or "seed")
+    model, c = _keras_model(args)
     kwargs = c.decode_kwargs()
 
     def decode(path):
         return decode_file(path.decode(), **kwargs)[..., None]
 
-    paths = list_images(args.archive)
-    ds = (tf.data.Dataset.from_tensor_slices(paths)
+    ds = (tf.data.Dataset.from_tensor_slices(list_images(args.archive))
           .map(lambda p: tf.ensure_shape(tf.numpy_function(decode, [p], tf.uint8), (*c.image_size, 1)),
                num_parallel_calls=tf.data.AUTOTUNE)
           .batch(32).prefetch(tf.data.AUTOTUNE))

@@ -138,7 +138,7 @@ def default_arch_models(tmp_path_factory):
     rng = np.random.default_rng(0)
     calibration = np.stack([phantom(rng, bool(k % 2), size) for k in range(32)])[..., None]
     onnx.save(quantize_int8(proto, calibration, contract)[0], int8_twin(fp32))
-    return fp32
+    return fp32, size
 
 
 @pytest.mark.parametrize("precision", ["fp32", "int8"])
@@ -150,19 +150,15 @@ def test_runtime_choice_is_never_slower_than_onnxruntime_fp32(benchmark, default
     from engine import runtimes
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))  # measure now, not a cached choice
-    fp32 = default_arch_models
+    fp32, size = default_arch_models
     choice = benchmark.pedantic(runtimes.choose, args=(fp32,), kwargs={"precision": precision, "threads": 1},
                                 rounds=1, iterations=1)
     chosen = runtimes.load(choice.model, choice.runtime, choice.precision, threads=1)
     reference = runtimes.load(str(fp32), runtimes.ONNXRUNTIME, runtimes.FP32, threads=1)
-    x = np.random.default_rng(1).integers(0, 256, (32, *read_size(fp32), 1), dtype=np.uint8)
+    x = np.random.default_rng(1).integers(0, 256, (32, *size, 1), dtype=np.uint8)
     rate = runtimes.speeds({"chosen": chosen, "onnxruntime/fp32": reference}, x, rounds=7, budget_s=10.0)
     ratio = rate["chosen"] / rate["onnxruntime/fp32"]
     benchmark.extra_info.update(chosen=f"{choice.runtime}/{choice.precision}", ratio=round(ratio, 3),
                                 cpu_flags=choice.cpu_flags, measured_at_choice=choice.measured, notes=choice.notes)
     assert ratio >= 0.9, (choice.to_dict(), rate)
 
-
-def read_size(model) -> tuple[int, int]:
-    from engine.contract import read_contract
-    return read_contract(model).image_size

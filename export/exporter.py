@@ -48,7 +48,7 @@ class ExportConfig:
         return Path(self.out).with_suffix(".export.json")
 
 
-def _split_images(rows: list[dict], split: str, limit: int, contract: Contract) -> tuple[np.ndarray, np.ndarray]:
+def split_images(rows: list[dict], split: str, limit: int, contract: Contract) -> tuple[np.ndarray, np.ndarray]:
     """Up to ``limit`` decoded images of ``split`` and their labels (1: the positive class)."""
     images, labels = [], []
     for row in rows:
@@ -65,7 +65,7 @@ def _split_images(rows: list[dict], split: str, limit: int, contract: Contract) 
 
 
 def _load_images(rows: list[dict], split: str, limit: int, contract: Contract) -> np.ndarray:
-    return _split_images(rows, split, limit, contract)[0]
+    return split_images(rows, split, limit, contract)[0]
 
 
 def shift_reference(rows: list[dict], model, contract: Contract) -> dict | None:
@@ -145,7 +145,7 @@ def _export_int8(proto, fp32_bytes: bytes, rows, images: np.ndarray, contract: C
                                for i in range(0, len(x), 32)]) if len(x) else np.zeros(0)
 
     # agreement with FP32 on the whole test split, carried by the INT8 model's contract
-    test, y = _split_images(rows, "test", 10 ** 9, contract)
+    test, y = split_images(rows, "test", 10 ** 9, contract)
     ag = agreement(probs(fp32, test), probs(q, test), contract.threshold, y)
     q_contract = dataclasses.replace(q_contract, agreement={
         **ag, "split": "test split of the covidct-train run", "runtime": "onnxruntime",
