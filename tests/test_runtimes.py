@@ -113,6 +113,16 @@ def test_int8_measured_faster_is_kept_with_its_twin(models, monkeypatch):
     assert c.runtime == best and not any("VNNI" in n for n in c.notes)
 
 
+@needs_openvino
+def test_bf16_asked_on_a_bf16_cpu_runs_bf16_even_when_measured_slower(models, monkeypatch):
+    monkeypatch.setattr(runtimes, "cpu_flags", lambda: SAPPHIRE_RAPIDS)
+    slow_bf16 = {"openvino/bf16": 90.0, "onnxruntime/fp32": 100.0, "openvino/fp32": 99.0}
+    monkeypatch.setattr(runtimes, "speeds", lambda backends, x, **kw: {k: slow_bf16[k] for k in backends})
+    c = runtimes.choose(models[0], precision="bf16", use_cache=False)
+    assert (c.runtime, c.precision, c.model) == ("openvino", "bf16", str(models[0]))
+    assert any("running BF16 as asked" in n and "90" in n for n in c.notes)
+
+
 def test_a_runtime_out_of_parity_is_left_out(models, monkeypatch):
     if not runtimes.openvino_installed():
         pytest.skip("OpenVINO is not installed")
