@@ -79,6 +79,9 @@ class Contract:
             threshold, and the original model's sha256.
         agreement: for a reduced-precision model (``precision`` int8), how it agrees with the FP32
             model it was made from on the training run's test split (``engine.metrics.agreement``).
+        adaptation: provenance of a model adapted to a site by ``covidct-train --init`` (None otherwise): the
+            source run and its model's sha256, the local set's size and class counts, what was adapted,
+            and the cross-validated figures on the local set.
     """
 
     image_size: tuple[int, int]
@@ -102,6 +105,7 @@ class Contract:
     reference: dict[str, Any] | None = None
     calibration: dict[str, Any] | None = None
     agreement: dict[str, Any] | None = None
+    adaptation: dict[str, Any] | None = None
     schema_version: int = SCHEMA_VERSION
 
     def __post_init__(self) -> None:
@@ -141,6 +145,9 @@ class Contract:
         ag = self.agreement
         if ag is not None and (not isinstance(ag, dict) or not {"n", "label_agreement"} <= set(ag)):
             p.append("agreement must be an object with at least n and label_agreement")
+        ad = self.adaptation
+        if ad is not None and (not isinstance(ad, dict) or not {"source_model_sha256", "local_set"} <= set(ad)):
+            p.append("adaptation must be an object with at least source_model_sha256 and local_set")
         ts = self.target_sensitivity
         if ts is not None and (not isinstance(ts, (int, float)) or not 0.0 < float(ts) <= 1.0):
             p.append(f"target_sensitivity must be in (0, 1], e.g. 0.95; got {ts!r}")
@@ -188,7 +195,7 @@ class Contract:
             raise ContractError(f"contract has unknown keys {unknown} (written by a newer version?)")
         if data.get("schema_version", 1) == 1:
             unknown_v1 = sorted(set(data) & {"preprocessing", "target_sensitivity", "architecture", "reference",
-                                             "calibration", "agreement"})
+                                             "calibration", "agreement", "adaptation"})
             if unknown_v1:
                 raise ContractError(f"a schema 1 contract cannot carry {unknown_v1}")
             data["preprocessing"] = {"method": RESIZE}  # what every schema 1 model was trained on

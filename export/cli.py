@@ -31,6 +31,11 @@ def main(run_dir, out, int8, verbose):
     click.echo(f"wrote {out}: parity over {p['n_images']} real images, max |keras - onnx| "
                + ", ".join(f"batch {b}: {p[f'max_abs_diff_batch{b}']:.2e}" for b in p["batch_sizes"])
                + f" (tolerance {p['atol']:g})")
+    ad = report["contract"].get("adaptation")
+    if ad:
+        click.echo(f"adapted with covidct-train --init from {ad['source_run']} (model sha256 "
+                   f"{ad['source_model_sha256'][:12]}) on {ad['local_set']['n']} local slices: the provenance is in "
+                   "the contract")
     if "int8" in report:
         q = report["int8"]
         a = q["agreement"]

@@ -33,6 +33,19 @@ class Dataset:
     sha256: list[str]
     unreadable: list[tuple[str, str]]  # (path, reason)
     grey: list[np.ndarray] | None = None  # decoded grey slices at their own size (for augmentation)
+    site: np.ndarray | None = None        # each image's site index (train.sites); None: one site
+
+
+def concat(parts: list[Dataset]) -> Dataset:
+    """One Dataset of several, in order (sites keep their indices)."""
+    if len(parts) == 1:
+        return parts[0]
+    return Dataset(
+        paths=[p for d in parts for p in d.paths], labels=np.concatenate([d.labels for d in parts]),
+        images=np.concatenate([d.images for d in parts]), sha256=[h for d in parts for h in d.sha256],
+        unreadable=[u for d in parts for u in d.unreadable],
+        grey=None if any(d.grey is None for d in parts) else [g for d in parts for g in d.grey],
+        site=np.concatenate([d.site if d.site is not None else np.zeros(len(d.paths), np.int64) for d in parts]))
 
 
 def _shrink(grey: np.ndarray) -> np.ndarray:
@@ -136,12 +149,15 @@ def split(paths: list[str], labels: np.ndarray, hashes: list[str], seed: int,
     return out
 
 
-def write_split(path: Path, ds: Dataset, assignment: np.ndarray, classes: tuple[str, str]) -> None:
+def write_split(path: Path, ds: Dataset, assignment: np.ndarray, classes: tuple[str, str],
+                site_names: tuple[str, ...] | None = None) -> None:
+    """split.csv: path, class (the model's class names), split, sha256 and, with ``site_names``, site."""
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["path", "class", "split", "sha256"])
-        for p, y, s, h in zip(ds.paths, ds.labels, assignment, ds.sha256):
-            w.writerow([p, classes[y], SPLITS[s], h])
+        w.writerow(["path", "class", "split", "sha256"] + (["site"] if site_names else []))
+        for i, (p, y, s, h) in enumerate(zip(ds.paths, ds.labels, assignment, ds.sha256)):
+            site = [site_names[ds.site[i]]] if site_names else []
+            w.writerow([p, classes[y], SPLITS[s], h] + site)
 
 
 def read_split(path: Path) -> list[dict[str, str]]:

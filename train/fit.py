@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
@@ -16,7 +17,9 @@ from engine.metrics import operating_threshold, screening_metrics
 from engine.preprocess import LUNG_CROP, RESIZE, default_spec
 
 from . import data as data_mod
+from . import sites as sites_mod
 from .model import ARCHITECTURES
+from .sites import Site, parse_sites
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +29,8 @@ CONTRACT_FILE = "contract.json"
 METRICS_FILE = "metrics.json"
 SPLIT_FILE = "split.csv"
 HISTORY_FILE = "history.json"
+#: Leave-one-site-out runs are run directories of their own under this folder, one per site left out.
+LOSO_DIR = "leave-one-site-out"
 
 #: Per-architecture defaults: what ``None`` in TrainConfig means.
 ARCH_DEFAULTS = {
@@ -37,8 +42,8 @@ PREPROCESSING = (LUNG_CROP, RESIZE)
 
 @dataclass(frozen=True)
 class TrainConfig:
-    data_dir: Path
-    out: Path
+    data_dir: Path | None = None              # one site: the single-folder form of ``sites``
+    out: Path | None = None
     arch: str = "compact"
     epochs: int | None = None                 # None: the architecture's default
     image_size: tuple[int, int] | None = None
@@ -54,10 +59,22 @@ class TrainConfig:
     weight_decay: float = 1e-4
     interpolation: str = DEFAULT_INTERPOLATION
     window: dict = field(default_factory=lambda: dict(LUNG_WINDOW))
+    sites: tuple[Site, ...] = ()              # every site (train.sites); from data_dir when empty
+    leave_one_site_out: bool = False          # also train one model without each site, scored on it
 
     def __post_init__(self):
-        if not Path(self.data_dir).is_dir():
-            raise ValueError(f"data_dir {self.data_dir} is not a directory (expected one sub-folder per class)")
+        if self.out is None:
+            raise ValueError("out (the run directory) is required, e.g. out=Path('runs/q')")
+        if not self.sites:
+            if self.data_dir is None:
+                raise ValueError("give data_dir or sites, e.g. data_dir=Path('data/site-a')")
+            if not Path(self.data_dir).is_dir():
+                raise ValueError(f"data_dir {self.data_dir} is not a directory (expected one sub-folder per class)")
+            object.__setattr__(self, "sites", parse_sites((Path(self.data_dir),)))
+        object.__setattr__(self, "sites", tuple(self.sites))
+        object.__setattr__(self, "data_dir", Path(self.sites[0].path))
+        if self.leave_one_site_out and len(self.sites) < 2:
+            raise ValueError("leave_one_site_out needs at least two sites")
         if self.arch not in ARCHITECTURES:
             raise ValueError(f"arch must be one of {list(ARCHITECTURES)}, e.g. 'compact'; got {self.arch!r}")
         if self.preprocessing not in PREPROCESSING:
@@ -89,18 +106,20 @@ class SiteSequence:
         import keras
 
         class _Seq(keras.utils.PyDataset):
-            def __init__(self, greys, labels, weights, cfg: TrainConfig, spec: dict, augment_site: bool):
+            def __init__(self, greys, labels, weights, cfg: TrainConfig, spec: dict, augment_site: bool,
+                         site=None):
                 super().__init__()
                 self.greys, self.labels, self.weights = greys, labels.astype(np.float32), weights
                 self.cfg, self.spec, self.augment_site = cfg, spec, augment_site
+                self.site = np.zeros(len(labels), np.int64) if site is None else np.asarray(site)
                 self.rng = np.random.default_rng(cfg.seed)
-                self.order = self.rng.permutation(len(labels))
+                self.order = sites_mod.balanced_order(self.site, self.rng)
 
             def __len__(self):
                 return int(np.ceil(len(self.labels) / self.cfg.batch_size))
 
             def on_epoch_end(self):
-                self.order = self.rng.permutation(len(self.labels))
+                self.order = sites_mod.balanced_order(self.site, self.rng)
 
             def __getitem__(self, k):
                 from engine.decode import resize
@@ -130,17 +149,17 @@ def _fit_compact(model, cfg: TrainConfig, ds, tr, va) -> dict:
 
     from engine.metrics import roc_auc
 
-    counts = np.bincount(ds.labels[tr], minlength=2)
-    class_w = counts.sum() / (2.0 * np.maximum(counts, 1))
-    seq = SiteSequence([ds.grey[i] for i in np.nonzero(tr)[0]], ds.labels[tr], class_w[ds.labels[tr]].astype(np.float32),
-                       cfg, cfg.preprocessing_spec, cfg.site_augmentation)
+    seq = SiteSequence([ds.grey[i] for i in np.nonzero(tr)[0]], ds.labels[tr],
+                       sites_mod.sample_weights(ds.site[tr], ds.labels[tr]), cfg, cfg.preprocessing_spec,
+                       cfg.site_augmentation, ds.site[tr])
     steps = len(seq) * cfg.epochs
     schedule = keras.optimizers.schedules.CosineDecay(0.0, steps, alpha=0.01, warmup_target=cfg.learning_rate,
                                                       warmup_steps=max(1, steps // 20))
     model.compile(optimizer=keras.optimizers.AdamW(schedule, weight_decay=cfg.weight_decay),
                   loss="binary_crossentropy", metrics=["accuracy"])
     history: dict[str, list[float]] = {"loss": [], "accuracy": [], "val_auc": [], "val_loss": []}
-    xv, yv = ds.images[va], ds.labels[va]
+    xv, yv, sv = ds.images[va], ds.labels[va], ds.site[va]
+    names = [s.name for s in cfg.sites] if len(cfg.sites) > 1 else []
     for epoch in range(cfg.epochs):
         h = model.fit(seq, epochs=1, verbose=0)
         pv = model.predict(xv, batch_size=64, verbose=0)[:, 0]
@@ -148,8 +167,11 @@ def _fit_compact(model, cfg: TrainConfig, ds, tr, va) -> dict:
         history["accuracy"].append(float(h.history["accuracy"][-1]))
         history["val_auc"].append(roc_auc(yv, pv))
         history["val_loss"].append(float(keras.losses.binary_crossentropy(yv.astype(np.float32), pv).numpy()))
-        log.info("epoch %d/%d: loss %.4f, validation AUC %.3f", epoch + 1, cfg.epochs, history["loss"][-1],
-                 history["val_auc"][-1])
+        for k, name in enumerate(names):  # every site's own validation AUC: the pooled one hides a site
+            history.setdefault(f"val_auc/{name}", []).append(roc_auc(yv[sv == k], pv[sv == k]))
+        log.info("epoch %d/%d: loss %.4f, validation AUC %.3f%s", epoch + 1, cfg.epochs, history["loss"][-1],
+                 history["val_auc"][-1],
+                 "".join(f", {n} {history[f'val_auc/{n}'][-1]:.3f}" for n in names))
     return history
 
 
@@ -158,13 +180,16 @@ def _fit_seed(model, cfg: TrainConfig, ds, tr, va) -> dict:
     import keras
 
     y = ds.labels.astype(np.float32)
-    counts = np.bincount(ds.labels[tr], minlength=2)
-    class_weight = {c: float(counts.sum() / (2 * counts[c])) for c in (0, 1)}
+    # classes balanced within each site, sites balanced against each other (one site: the class weights)
+    site = ds.site[tr]
+    weight = sites_mod.sample_weights(site, ds.labels[tr])
+    share = np.bincount(site) / len(site)
+    weight = (weight / (len(share) * share[site])).astype(np.float32)
     if cfg.learning_rate != ARCH_DEFAULTS["seed"]["learning_rate"]:
         model.optimizer.learning_rate = cfg.learning_rate
     history = model.fit(
         ds.images[tr], y[tr], validation_data=(ds.images[va], y[va]),
-        epochs=cfg.epochs, batch_size=cfg.batch_size, class_weight=class_weight, verbose=2, shuffle=True,
+        epochs=cfg.epochs, batch_size=cfg.batch_size, sample_weight=weight, verbose=2, shuffle=True,
         callbacks=[keras.callbacks.EarlyStopping(monitor="val_auc", mode="max", patience=cfg.patience,
                                                  restore_best_weights=True)],
     )
@@ -172,23 +197,32 @@ def _fit_seed(model, cfg: TrainConfig, ds, tr, va) -> dict:
 
 
 def train(cfg: TrainConfig) -> dict:
-    """Train and evaluate; returns the test metrics written to ``metrics.json``."""
+    """Train and evaluate; returns the test metrics written to ``metrics.json`` (pooled over sites, with
+    every site's own figures under ``sites`` and, with ``leave_one_site_out``, that table)."""
     t0 = time.time()
     out = Path(cfg.out)
-    classes = data_mod.resolve_classes(cfg.data_dir, cfg.positive)  # before out exists: it may sit inside
+    sites_mod.site_classes(cfg.sites, cfg.positive)  # before out exists: it may sit inside a site
     out.mkdir(parents=True, exist_ok=True)
-    log.info("classes: negative=%r positive=%r", *classes)
     spec = cfg.preprocessing_spec
-    ds = data_mod.load_images(cfg.data_dir, classes, cfg.image_size, cfg.interpolation, window=cfg.window,
-                              preprocessing=spec, keep_grey=cfg.arch == "compact")
-    assignment = data_mod.split(ds.paths, ds.labels, ds.sha256, cfg.seed, cfg.groups)
-    data_mod.write_split(out / SPLIT_FILE, ds, assignment, classes)
+    ds, classes = sites_mod.load_sites(cfg.sites, cfg.positive, image_size=cfg.image_size,
+                                       interpolation=cfg.interpolation, window=cfg.window, preprocessing=spec,
+                                       keep_grey=cfg.arch == "compact")
+    log.info("classes: negative=%r positive=%r", *classes)
+    names = tuple(s.name for s in cfg.sites)
+    assignment = sites_mod.split_sites(ds, cfg.seed, cfg.groups)
+    data_mod.write_split(out / SPLIT_FILE, ds, assignment, classes, names)
     sizes = {name: int((assignment == i).sum()) for i, name in enumerate(data_mod.SPLITS)}
-    log.info("split sizes %s (%d unreadable skipped)", sizes, len(ds.unreadable))
+    site_sizes = {n: {split: int(((assignment == i) & (ds.site == k)).sum()) for i, split in enumerate(data_mod.SPLITS)}
+                  for k, n in enumerate(names)}
+    log.info("split sizes %s (%d unreadable skipped)%s", sizes, len(ds.unreadable),
+             f"; per site {site_sizes}" if len(names) > 1 else "")
     tr, va, te = (assignment == 0), (assignment == 1), (assignment == 2)
-    for name, mask in zip(data_mod.SPLITS, (tr, va, te)):
-        if len(set(ds.labels[mask].tolist())) < 2:
-            raise data_mod.DataError(f"the {name} split lacks one class: each class needs at least ~10 images")
+    for k, site in enumerate(names):
+        for name, mask in zip(data_mod.SPLITS, (tr, va, te)):
+            if len(set(ds.labels[mask & (ds.site == k)].tolist())) < 2:
+                where = f" of site {site!r}" if len(names) > 1 else ""
+                raise data_mod.DataError(f"the {name} split{where} lacks one class: "
+                                         "each class needs at least ~10 images")
 
     from .model import build_model
     model = build_model(cfg.image_size, cfg.seed, cfg.arch)
@@ -196,28 +230,87 @@ def train(cfg: TrainConfig) -> dict:
     model.save(out / MODEL_FILE)
 
     p_val = model.predict(ds.images[va], batch_size=cfg.batch_size, verbose=0)[:, 0]
-    threshold = operating_threshold(ds.labels[va], p_val, cfg.target_sensitivity)
+    threshold, site_thresholds = sites_mod.threshold_across_sites(ds.site[va], ds.labels[va], p_val,
+                                                                  cfg.target_sensitivity, names)
     p_test = model.predict(ds.images[te], batch_size=cfg.batch_size, verbose=0)[:, 0]
-    metrics = screening_metrics(ds.labels[te], p_test, threshold)
+    metrics = sites_mod.figures(ds.labels[te], p_test, threshold)
+    validation = sites_mod.figures(ds.labels[va], p_val, threshold)
+    validation.update({"sites": sites_mod.per_site(ds.site[va], ds.labels[va], p_val, threshold, names),
+                       "site_thresholds": site_thresholds})
     metrics.update({
         "split": "test", "class_names": list(classes), "positive_class": classes[1],
         "target_sensitivity": cfg.target_sensitivity, "split_sizes": sizes,
-        "validation": screening_metrics(ds.labels[va], p_val, threshold),
+        "sites": sites_mod.per_site(ds.site[te], ds.labels[te], p_test, threshold, names),
+        "site_split_sizes": site_sizes,
+        "threshold_rule": ("the highest threshold that reaches the target sensitivity on every site's "
+                           "validation split" if len(names) > 1 else
+                           "the highest threshold that reaches the target sensitivity on the validation split"),
+        "validation": validation,
         "unreadable": [{"path": p, "reason": r} for p, r in ds.unreadable],
         "epochs_run": len(history["loss"]), "train_seconds": round(time.time() - t0, 1),
-        "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()},
+        "config": _config_record(cfg),
     })
-    (out / METRICS_FILE).write_text(json.dumps(metrics, indent=2))
     (out / HISTORY_FILE).write_text(json.dumps(history, indent=2))
     contract = Contract(
         image_size=tuple(cfg.image_size), class_names=classes, positive_class=classes[1], threshold=threshold,
         interpolation=cfg.interpolation, window=dict(cfg.window), preprocessing=spec,
         target_sensitivity=cfg.target_sensitivity, architecture=cfg.arch,
-        metrics={k: metrics[k] for k in ("roc_auc", "sensitivity", "specificity", "accuracy", "n", "split")},
-        source_sha256=sha256_file(out / MODEL_FILE), project_version=__version__)
+        metrics=contract_metrics(metrics), source_sha256=sha256_file(out / MODEL_FILE), project_version=__version__)
+    if cfg.leave_one_site_out:
+        metrics["leave_one_site_out"] = leave_one_site_out(cfg, ds)
+        contract = dataclasses.replace(contract, metrics=contract_metrics(metrics))
+    (out / METRICS_FILE).write_text(json.dumps(metrics, indent=2))
     (out / CONTRACT_FILE).write_text(contract.to_json())
     _plot(history, metrics, classes, out)
     return metrics
+
+
+#: The figures of a set that the contract carries (the rest stays in metrics.json).
+FIGURE_KEYS = ("n", "roc_auc", "roc_auc_ci95", "sensitivity", "sensitivity_ci95", "specificity",
+               "specificity_ci95")
+
+
+def contract_metrics(metrics: dict) -> dict:
+    """What the contract says of training's figures: pooled test figures, every site's, and the
+    leave-one-site-out table where there is one."""
+    out = {k: metrics[k] for k in ("roc_auc", "sensitivity", "specificity", "accuracy", "n", "split") if k in metrics}
+    if "roc_auc_ci95" in metrics:
+        out["roc_auc_ci95"] = metrics["roc_auc_ci95"]
+    if "sites" in metrics:
+        out["sites"] = {n: {k: m[k] for k in FIGURE_KEYS} for n, m in metrics["sites"].items()}
+    if "leave_one_site_out" in metrics:
+        out["leave_one_site_out"] = [{"left_out": r["left_out"], "trained_on": r["trained_on"],
+                                      **{k: r[k] for k in FIGURE_KEYS}} for r in metrics["leave_one_site_out"]]
+    return out
+
+
+def _config_record(cfg: TrainConfig) -> dict:
+    rec = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items() if k != "sites"}
+    rec["sites"] = [{"name": s.name, "path": str(s.path)} for s in cfg.sites]
+    return rec
+
+
+def leave_one_site_out(cfg: TrainConfig, ds) -> list[dict]:
+    """For every site: a model trained the same way on the other sites (a run directory of its own in
+    ``LOSO_DIR/<site>``), scored on every readable slice of the site it never saw, at its own threshold
+    (set on its training sites' validation splits). The honest estimate for a hospital not yet seen."""
+    from .model import load_trained
+
+    rows = []
+    for k, left in enumerate(cfg.sites):
+        rest = tuple(s for s in cfg.sites if s != left)
+        sub = dataclasses.replace(cfg, data_dir=None, sites=rest, out=Path(cfg.out) / LOSO_DIR / left.name,
+                                  leave_one_site_out=False)
+        log.info("leave-one-site-out: training without %r (on %s)", left.name, [s.name for s in rest])
+        m = train(sub)
+        model = load_trained(Path(sub.out) / MODEL_FILE, cfg.image_size, cfg.arch)
+        mask = ds.site == k
+        p = model.predict(ds.images[mask], batch_size=cfg.batch_size, verbose=0)[:, 0]
+        rows.append({"left_out": left.name, "trained_on": [s.name for s in rest], "run_dir": str(sub.out),
+                     "threshold": m["threshold"], "in_domain_test": {n: {k: f[k] for k in FIGURE_KEYS}
+                                                                     for n, f in m["sites"].items()},
+                     **sites_mod.figures(ds.labels[mask], p, m["threshold"])})
+    return rows
 
 
 def _plot(history: dict, metrics: dict, classes: tuple[str, str], out: Path) -> None:
@@ -253,8 +346,22 @@ def _plot(history: dict, metrics: dict, classes: tuple[str, str], out: Path) -> 
 
 
 def summary(metrics: dict) -> str:
+    """The printed summary: pooled test figures, every site's, and the leave-one-site-out table."""
     lo, hi = metrics["sensitivity_ci95"]
     slo, shi = metrics["specificity_ci95"]
-    return (f"test split (n={metrics['n']}): AUC {metrics['roc_auc']:.3f}  accuracy {metrics['accuracy']:.3f}  "
-            f"sensitivity {metrics['sensitivity']:.3f} [{lo:.3f}, {hi:.3f}]  "
-            f"specificity {metrics['specificity']:.3f} [{slo:.3f}, {shi:.3f}]  at threshold {metrics['threshold']:.4f}")
+    a = metrics.get("roc_auc_ci95")
+    auc = f"AUC {metrics['roc_auc']:.3f}" + (f" [{a[0]:.3f}, {a[1]:.3f}]" if a else "")
+    lines = [f"test split (n={metrics['n']}): {auc}  accuracy {metrics['accuracy']:.3f}  "
+             f"sensitivity {metrics['sensitivity']:.3f} [{lo:.3f}, {hi:.3f}]  "
+             f"specificity {metrics['specificity']:.3f} [{slo:.3f}, {shi:.3f}]  at threshold {metrics['threshold']:.4f}"]
+    sites = metrics.get("sites", {})
+    if len(sites) > 1:
+        lines.append("test split per site, at the same threshold:")
+        lines += ["  " + sites_mod.figure_line(n, m) for n, m in sites.items()]
+    loso = metrics.get("leave_one_site_out")
+    if loso:
+        lines.append("leave one site out (trained without the site, scored on all its slices, at that model's "
+                     "own threshold):")
+        lines += ["  " + sites_mod.figure_line(f"{r['left_out']} (trained on {', '.join(r['trained_on'])}; "
+                                               f"threshold {r['threshold']:.4f})", r) for r in loso]
+    return "\n".join(lines)

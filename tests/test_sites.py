@@ -1,0 +1,185 @@
+"""Several sites in one training run, leave-one-site-out, and adaptation to a new site (covidct-train --init)."""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections import Counter
+
+import numpy as np
+import pytest
+
+from engine.contract import Contract, read_contract
+from tests.conftest import run_cli
+from train import sites as S
+
+
+def _site(root, n_per_class, seed, classes=("non-COVID", "COVID")):
+    from train.synthetic import make_dataset
+    return make_dataset(root, n_per_class=n_per_class, seed=seed, classes=classes, size=(128, 128))
+
+
+@pytest.fixture(scope="module")
+def two_sites(tmp_path_factory):
+    """Two synthetic sites of different sizes and class-folder names, trained jointly with
+    --leave-one-site-out (short: this checks the bookkeeping, not the accuracy)."""
+    base = tmp_path_factory.mktemp("sites")
+    big = _site(base / "big site", 45, seed=5)
+    small = _site(base / "small", 24, seed=6, classes=("Not_Infected", "Infected"))
+    run = base / "run"
+    r = run_cli("covidct-train", big, "--site", f"clinic={small}", "--out", run, "--epochs", "2",
+                "--image-size", "48", "--batch-size", "16", "--leave-one-site-out", "--groups", r"p\d+",
+                timeout=1800)
+    assert r.returncode == 0, r.stderr[-4000:]
+    return {"big": big, "small": small, "run": run, "stdout": r.stdout}
+
+
+def test_every_site_gets_its_own_stratified_split(two_sites):
+    rows = list(csv.DictReader(open(two_sites["run"] / "split.csv")))
+    assert {r["site"] for r in rows} == {"big-site", "clinic"}
+    per = Counter((r["site"], r["split"], r["class"]) for r in rows)
+    for site in ("big-site", "clinic"):
+        for split in ("train", "val", "test"):
+            # both classes in every split of every site, named by the model's (the first site's) class names
+            assert per[(site, split, "COVID")] > 0 and per[(site, split, "non-COVID")] > 0, (site, split, per)
+    assert sum(v for (s, _, _), v in per.items() if s == "clinic") == 48
+    assert sum(v for (s, _, _), v in per.items() if s == "big-site") == 90
+    # the small site's paths are its own files, labelled through its own folder names
+    assert all((r["path"].rsplit("/", 2)[-2] == "Infected") == (r["class"] == "COVID")
+               for r in rows if r["site"] == "clinic")
+
+
+def test_per_site_figures_in_metrics_summary_and_contract(two_sites):
+    run = two_sites["run"]
+    m = json.loads((run / "metrics.json").read_text())
+    assert set(m["sites"]) == {"big-site", "clinic"}
+    for name, f in m["sites"].items():
+        assert f["n"] == m["site_split_sizes"][name]["test"]
+        lo, hi = f["roc_auc_ci95"]
+        assert lo <= f["roc_auc"] <= hi and f["n_positive"] + f["n_negative"] == f["n"]
+        assert f["threshold"] == m["threshold"]
+    assert sum(f["n"] for f in m["sites"].values()) == m["n"]
+    # the threshold reaches the target on every site's validation split: the lowest of the sites' own
+    own = m["validation"]["site_thresholds"]
+    assert m["threshold"] == min(own.values())
+    for f in m["validation"]["sites"].values():
+        assert f["sensitivity"] >= m["target_sensitivity"]
+    c = Contract.from_json((run / "contract.json").read_text())
+    assert set(c.metrics["sites"]) == {"big-site", "clinic"} and "roc_auc_ci95" in c.metrics["sites"]["clinic"]
+    out = two_sites["stdout"]
+    assert "test split per site" in out and "big-site (n=" in out and "clinic (n=" in out
+
+
+def test_leave_one_site_out_reports_one_row_per_site(two_sites):
+    run = two_sites["run"]
+    m = json.loads((run / "metrics.json").read_text())
+    rows = m["leave_one_site_out"]
+    assert [r["left_out"] for r in rows] == ["big-site", "clinic"]
+    assert [r["trained_on"] for r in rows] == [["clinic"], ["big-site"]]
+    # scored on every readable slice of the site left out, by a model that never saw it
+    assert [r["n"] for r in rows] == [90, 48]
+    for r in rows:
+        sub = json.loads((run / "leave-one-site-out" / r["left_out"] / "metrics.json").read_text())
+        assert list(sub["sites"]) == r["trained_on"] and r["threshold"] == sub["threshold"]
+    assert len(Contract.from_json((run / "contract.json").read_text()).metrics["leave_one_site_out"]) == 2
+    assert two_sites["stdout"].count("trained on") == 2
+
+
+def test_site_balanced_draw_of_a_ten_to_one_pair():
+    site = np.array([0] * 500 + [1] * 50)
+    rng = np.random.default_rng(0)
+    for _ in range(3):  # every epoch
+        order = S.balanced_order(site, rng)
+        counts = np.bincount(site[order])
+        assert len(order) == 550 and abs(counts[0] - counts[1]) <= 1
+        # the small site's slices are all drawn before any repeats: each 5 or 6 times
+        small = Counter(order[site[order] == 1].tolist())
+        assert len(small) == 50 and set(small.values()) <= {5, 6}
+        assert len(set(order[site[order] == 0].tolist())) == counts[0]  # the big one subsampled, no repeats
+    # one site: a plain permutation, as training did before sites existed
+    assert sorted(S.balanced_order(np.zeros(7, int), np.random.default_rng(1)).tolist()) == list(range(7))
+
+
+def test_class_weights_balance_within_each_site():
+    site = np.array([0] * 10 + [1] * 4)
+    labels = np.array([0] * 8 + [1] * 2 + [0, 1, 1, 1])
+    w = S.sample_weights(site, labels)
+    for k in (0, 1):
+        m = site == k
+        assert w[m & (labels == 0)].sum() == pytest.approx(w[m & (labels == 1)].sum())
+
+
+def test_sites_are_named_and_checked(tmp_path):
+    a = _site(tmp_path / "a", 3, 0)
+    with pytest.raises(ValueError, match="NAME=DIR"):
+        S.parse_sites((a,), ("oops",))
+    with pytest.raises(ValueError, match="named"):
+        S.parse_sites((a,), (f"a={a}",))
+    with pytest.raises(ValueError, match="same folder"):
+        S.parse_sites((a,), (f"b={a}",))
+    r = run_cli("covidct-train", a, "--site", f"b={tmp_path / 'missing'}", "--out", tmp_path / "run")
+    assert r.returncode == 2 and not (tmp_path / "run").exists()
+
+
+@pytest.fixture(scope="module")
+def adapted(trained_run, tmp_path_factory):
+    """The session's trained run adapted to a third synthetic site, then exported."""
+    base = tmp_path_factory.mktemp("adapt")
+    local = _site(base / "local site", 15, seed=9, classes=("Not_Infected", "Infected"))
+    out = base / "adapted"
+    r = run_cli("covidct-train", local, "--init", trained_run["run"], "--out", out, "--epochs", "2",
+                "--groups", r"p\d+", timeout=1800)
+    assert r.returncode == 0, r.stderr[-4000:]
+    e = run_cli("covidct-export", out, "--out", out / "model.onnx", timeout=900)
+    assert e.returncode == 0, e.stderr[-4000:]
+    return {"local": local, "out": out, "stdout": r.stdout, "export_stdout": e.stdout, "source": trained_run}
+
+
+def test_adapted_model_carries_its_provenance(adapted):
+    src = read_contract(adapted["source"]["model"])
+    c = read_contract(adapted["out"] / "model.onnx")
+    a = c.adaptation
+    assert a["source_model_sha256"] == src.source_sha256 and a["tool"] == "covidct-train --init"
+    assert a["local_set"]["n"] == 30 and a["local_set"]["class_counts"] == {"Not_Infected": 15, "Infected": 15}
+    assert a["method"] == "all" and a["source_threshold"] == src.threshold
+    # the model's contract otherwise as the source's: same input, preprocessing, class names
+    assert (c.image_size, c.preprocessing, c.class_names, c.window) == (src.image_size, src.preprocessing,
+                                                                       src.class_names, src.window)
+    # the threshold is set on the local set's out-of-fold probabilities, and the figures say so
+    m = json.loads((adapted["out"] / "metrics.json").read_text())
+    assert c.threshold == m["threshold"] and m["split"].startswith("local set")
+    assert a["cross_validated"]["n"] == 30 and len(a["cross_validated"]["roc_auc_ci95"]) == 2
+    assert "adapted all from" in adapted["stdout"] and "out-of-fold" in adapted["stdout"]
+    assert "provenance is in the contract" in adapted["export_stdout"]
+
+
+def test_init_refuses_a_missing_or_incompatible_run_and_a_small_set(trained_run, tmp_path):
+    local = _site(tmp_path / "local", 15, seed=3)
+    not_a_run = tmp_path / "empty"
+    not_a_run.mkdir()
+    r = run_cli("covidct-train", local, "--init", not_a_run, "--out", tmp_path / "o1")
+    assert r.returncode == 2 and "not a covidct-train run directory" in r.stderr and not (tmp_path / "o1").exists()
+
+    import shutil
+    changed = tmp_path / "changed"
+    shutil.copytree(trained_run["run"], changed)
+    with open(changed / "model.keras", "ab") as f:
+        f.write(b"\0")
+    r = run_cli("covidct-train", local, "--init", changed, "--out", tmp_path / "o2")
+    assert r.returncode == 2 and "changed since training" in r.stderr and not (tmp_path / "o2").exists()
+
+    alien = tmp_path / "alien"
+    shutil.copytree(trained_run["run"], alien)
+    contract = json.loads((alien / "contract.json").read_text())
+    contract["architecture"] = "vit-huge"
+    (alien / "contract.json").write_text(json.dumps(contract))
+    r = run_cli("covidct-train", local, "--init", alien, "--out", tmp_path / "o3")
+    assert r.returncode == 2 and "cannot be adapted" in r.stderr and not (tmp_path / "o3").exists()
+
+    small = _site(tmp_path / "small", 9, seed=4)
+    r = run_cli("covidct-train", small, "--init", trained_run["run"], "--out", tmp_path / "o4")
+    assert r.returncode == 2 and "too small to adapt on" in r.stderr and "at least 10 of each" in r.stderr
+    assert not (tmp_path / "o4").exists()
+
+    r = run_cli("covidct-train", local, small, "--init", trained_run["run"], "--out", tmp_path / "o5")
+    assert r.returncode == 2 and "exactly one LOCAL_DIR" in r.stderr
