@@ -17,7 +17,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .headers import codestream_size
-from .reasons import CORRUPT, TOO_LARGE, TRUNCATED, DecodeError
+from .reasons import CORRUPT, TOO_LARGE, TRUNCATED, UNSUPPORTED_TRANSFER_SYNTAX, DecodeError
+from .sandbox import sandbox
 
 #: Transfer syntaxes and what decodes them. The project installs python-gdcm (BSD) and
 #: pylibjpeg-openjpeg (MIT); pylibjpeg-libjpeg is GPLv3 and deliberately not a dependency.
@@ -249,7 +250,7 @@ def decode_dicom(data: bytes, window: dict, max_pixels: int) -> list[Slice]:
         ident = []
         try:
             ident = identifying_values(ds)
-            return _decode_pixels(ds, window, max_pixels, ident)
+            return _decode_pixels(ds, data, window, max_pixels, ident)
         except DecodeError as e:
             e.redact = ident  # the row's path must not show them either
             raise
@@ -258,7 +259,29 @@ def decode_dicom(data: bytes, window: dict, max_pixels: int) -> list[Slice]:
                               ident) from None
 
 
-def _decode_pixels(ds, window: dict, max_pixels: int, ident: list[str]) -> list[Slice]:
+#: pydicom's words for "no installed plugin decodes this syntax" (as opposed to "every plugin failed on it").
+_NO_DECODER = ("missing dependencies", "no plugin", "no pixel data decoders", "not installed", "not supported",
+               "no available image handler")
+
+
+def _pixel_error(e: Exception, ts) -> DecodeError:
+    """The row a pixel-data failure becomes: truncated, an unsupported syntax (no decoder here), or corrupt
+    (a supported syntax whose data every decoder refused)."""
+    text = str(e)
+    msg = text.splitlines()[0][:200]
+    if "less than expected" in msg or "truncated" in msg.lower():
+        return DecodeError(TRUNCATED, f"DICOM pixel data is truncated: {msg}")
+    kind = getattr(e, "type_name", type(e).__name__)
+    if ts is not None and ts.is_compressed and (str(ts) in DECODERS_HINT or kind == "NotImplementedError"
+                                                or any(w in text.lower() for w in _NO_DECODER)):
+        hint = DECODERS_HINT.get(str(ts), "a pydicom pixel-data plugin for it")
+        return DecodeError(UNSUPPORTED_TRANSFER_SYNTAX,
+                           f"transfer syntax {ts.name} ({ts}) is not decodable here; {hint} would decode it")
+    what = f"{ts.name} pixel data" if ts is not None and ts.is_compressed else "DICOM pixel data"
+    return DecodeError(CORRUPT, f"{what} could not be decoded (damaged?): {msg}")
+
+
+def _decode_pixels(ds, data: bytes, window: dict, max_pixels: int, ident: list[str]) -> list[Slice]:
     sop_class = str(ds.get("SOPClassUID", ""))
     modality = str(ds.get("Modality", ""))
     if sop_class.startswith(NON_IMAGE_SOP_PREFIXES) or "PixelData" not in ds:
@@ -273,17 +296,14 @@ def _decode_pixels(ds, window: dict, max_pixels: int, ident: list[str]) -> list[
     meta = getattr(ds, "file_meta", None)
     ts = meta.get("TransferSyntaxUID") if meta is not None else None
     check_pixel_budget(ds, frames, ts, max_pixels)
+    compressed = ts is not None and ts.is_compressed
     try:
-        pixels = ds.pixel_array
+        # native decoders can abort their process on damaged data: compressed pixels decode in a child
+        pixels = sandbox().pixel_array(data) if compressed else ds.pixel_array
+    except DecodeError:
+        raise
     except Exception as e:  # pydicom raises RuntimeError/ValueError/NotImplementedError per plugin
-        msg = str(e).splitlines()[0][:200]
-        if "less than expected" in msg or "truncated" in msg.lower():
-            raise DecodeError(TRUNCATED, f"DICOM pixel data is truncated: {msg}") from None
-        if ts is not None and ts.is_compressed:
-            hint = DECODERS_HINT.get(str(ts), "a pydicom pixel-data plugin for it")
-            raise DecodeError("unsupported_transfer_syntax",
-                              f"transfer syntax {ts.name} ({ts}) is not decodable here; {hint} would decode it") from None
-        raise DecodeError(CORRUPT, f"DICOM pixel data could not be decoded: {msg}") from None
+        raise _pixel_error(e, ts) from None
     if pixels.ndim == 2 or (pixels.ndim == 3 and frames == 1 and pixels.shape[-1] in (3, 4)):
         pixels = pixels[None]
     pixels = pixels[:frames]  # never more slices than the header announces

@@ -20,6 +20,7 @@ NOT_CT_IMAGE = "not_ct_image"
 LOCALIZER = "localizer"
 UNREADABLE = "unreadable"
 MULTI_FRAME = "multi_frame"
+TIMEOUT = "timeout"  # a decoder ran past its per-file time budget (engine.sandbox)
 NOT_A_REGULAR_FILE = "not_a_regular_file"  # FIFO, socket, device, folder link: never opened for reading
 INTERNAL = "internal"  # a worker died or a row could not be written: retried by the next run
 
