@@ -88,31 +88,68 @@ def _ident(st: os.stat_result) -> tuple[int, int]:
     return st.st_dev, st.st_ino
 
 
-def _nested(path: str, roots: list[str]) -> bool:
-    return any(path != r and path.startswith(r.rstrip(os.sep) + os.sep) for r in roots)
+def _inside(path: str, roots: list[str]) -> bool:
+    """``path`` (a real path) is under one of ``roots`` (real paths of folders walked)."""
+    return any(path.startswith(r.rstrip(os.sep) + os.sep) for r in roots)
+
+
+def _identity(path: str) -> int | None:
+    """One int for (device, inode): what a file is, however it is named."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_dev << 64) | st.st_ino
 
 
 def iter_inputs(inputs: Iterable[str | Path], from_list: str | Path | None = None,
                 exclude: Iterable[str | Path] = ()) -> Iterator[Item]:
-    """Every input file: each INPUT (folder or file), then each line of ``from_list``.
+    """Every input file once: each INPUT (folder or file), then each line of ``from_list``.
 
-    Paths are made absolute so that rows stay comparable across runs from other folders.
-    A folder nested inside another INPUT is not walked twice, and folders in ``exclude``
-    (OUT_DIR) are never walked. A file named twice (on the command line or in the list) is
-    yielded each time: the driver's resume check keeps the second from being predicted.
+    Paths are made absolute so that rows stay comparable across runs from other folders. A folder is
+    walked once however it is named (``/data``, ``/data/``, a link to it, one nested in another INPUT:
+    compared by real path and by device and inode), and folders in ``exclude`` (OUT_DIR) are never walked.
+    A file named on the command line or in the list is left out when a walked folder holds it, or when
+    it was named before (by device and inode; this one set grows with the named files, never with the
+    walked ones).
     """
     paths = [os.path.abspath(p) for p in inputs]
-    dirs = [p for p in paths if os.path.isdir(p)]
     skip = frozenset(_ident(os.stat(p)) for p in exclude if os.path.isdir(p))
+    walked: list[str] = []          # real paths of the folders walked
+    seen_dirs: set[tuple[int, int]] = set()
     for p in paths:
         if os.path.isdir(p):
-            if not _nested(p, dirs):
+            real = os.path.realpath(p)
+            ident = _ident(os.stat(p))
+            if ident not in seen_dirs:
+                seen_dirs.add(ident)
+                walked.append(real)
+    walked = [r for r in walked if not _inside(r, [w for w in walked if w != r])]
+    done_dirs: set[str] = set()
+    named: set[int] = set()
+
+    def listed(path: str) -> Iterator[Item]:
+        real = os.path.realpath(path)
+        if _inside(real, walked):
+            return
+        ident = _identity(path)
+        if ident is not None:
+            if ident in named:
+                return
+            named.add(ident)
+        yield _stat_item(path)
+
+    for p in paths:
+        if os.path.isdir(p):
+            real = os.path.realpath(p)
+            if real in walked and real not in done_dirs:
+                done_dirs.add(real)
                 yield from walk(p, skip)
-        elif not _nested(p, dirs):
-            yield _stat_item(p)
+        else:
+            yield from listed(p)
     if from_list is not None:
         with open(from_list, "rb") as f:  # names are bytes: a list may hold names that are not UTF-8
             for raw in f:
                 line = os.fsdecode(raw.rstrip(b"\n\r"))
                 if line.strip():
-                    yield _stat_item(os.path.abspath(line))
+                    yield from listed(os.path.abspath(line))
