@@ -35,7 +35,7 @@ from .predictor import ModelError
 from .reasons import INTERNAL
 from .report import REPORT, RUN, build_report, write_json
 from .shift import STATS, Histograms, compare
-from .sink import PREDICTIONS, SECRET, DoneIndex, KeySet, OutputError, PartWriter, out_secret, row_key
+from .sink import PREDICTIONS, SECRET, DoneIndex, KeySet, OutputError, PartWriter, file_key, out_secret, row_key
 from .sources import iter_inputs
 from .studies import STUDIES
 from .stats import Progress, Reservoir
@@ -469,7 +469,7 @@ def _run(cfg, contract, model_sha, out, done, run_id, started, t_start, lock, se
                 listed.add(key)
             if item.error:  # not opened (special file) or could not be stat'ed: a row straight from the driver
                 writer_rows([_driver_row(item, key, item.reason, item.error, contract, model_sha, run_id,
-                                         "skipped" if item.skipped else "error", cfg.pseudonym_key)])
+                                         "skipped" if item.skipped else "error", cfg.pseudonym_key, secret)])
                 continue
             yield item, key
         walked["finished"] = True
@@ -501,7 +501,7 @@ def _run(cfg, contract, model_sha, out, done, run_id, started, t_start, lock, se
             except (ray.exceptions.RayError) as e:  # task/actor died beyond retries: rows, not loss
                 msg = type(e).__name__  # its text may quote a path: keep identifiers out of the output
                 rows = [_driver_row(it, key, INTERNAL, f"worker failed ({msg}); rerun to retry", contract,
-                                    model_sha, run_id, pseudonym_key=cfg.pseudonym_key) for it, key in items]
+                                    model_sha, run_id, pseudonym_key=cfg.pseudonym_key, secret=secret) for it, key in items]
             stages["batch_latency_ms"].add(((time.monotonic() - t_sub) * 1e3,))
             writer_rows(rows)
             if not t_first_row:
@@ -521,7 +521,7 @@ def _run(cfg, contract, model_sha, out, done, run_id, started, t_start, lock, se
         for batch in _first_small(_chunks(todo(), cfg.batch_size)):
             while len(in_flight) >= plan["max_in_flight"]:
                 drain(1)
-            items = [(i.path, i.size, i.mtime_ns, key) for i, key in batch]
+            items = [(i.path, i.size, i.mtime_ns, key, file_key(i.path, secret)) for i, key in batch]
             if not actors:
                 log.debug("startup: first batch submitted at %.2f s", time.monotonic() - t_start)
             if plan["fused"]:
@@ -569,8 +569,9 @@ def _run(cfg, contract, model_sha, out, done, run_id, started, t_start, lock, se
 
 
 def _driver_row(item, key: int, reason: str, message: str, contract: Contract, model_sha: str, run_id: str,
-                status: str = "error", pseudonym_key: str | None = None) -> dict:
-    return {"path": shown_path(item.path, pseudonym_key), "key": key, "status": status, "reason": reason,
+                status: str = "error", pseudonym_key: str | None = None, secret: bytes | None = None) -> dict:
+    return {"path": shown_path(item.path, pseudonym_key), "key": key, "file_id": file_key(item.path, secret),
+            "status": status, "reason": reason,
             "message": message,
             "threshold": contract.threshold, "model_sha256": model_sha, "provider": None,
             "file_size": item.size if item.size >= 0 else None,

@@ -54,6 +54,9 @@ SCHEMA = pa.schema([
     ("input_detail", pa.float32()),  # mean |Laplacian| of the model's input (resolution, blur, noise)
     # The exact file name when it is not UTF-8 (``path`` then shows its bytes as \\xNN escapes); null otherwise.
     ("path_bytes", pa.binary()),
+    # Keyed hash of the exact path alone (not size, mtime or model): which file a row is about, even where
+    # ``path`` is redacted. The newest run's rows of a file supersede all its older rows (engine.studies).
+    ("file_id", pa.int64()),
 ])
 COLUMNS = SCHEMA.names
 _STRINGS = [f.name for f in SCHEMA if pa.types.is_string(f.type)]
@@ -121,6 +124,12 @@ def row_key(path: str, size: int, mtime_ns: int, model_sha256: str, secret: byte
     OUT_DIR's secret (a MAC) when there is one."""
     h = hashlib.blake2b(f"{model_sha256}\0{size}\0{mtime_ns}\0{path}".encode("utf-8", "surrogateescape"),
                         digest_size=8, key=secret or b"")
+    return int.from_bytes(h.digest(), "little", signed=True)
+
+
+def file_key(path: str, secret: bytes | None = None) -> int:
+    """64-bit identity of a file by its exact path, keyed by OUT_DIR's secret like ``row_key``."""
+    h = hashlib.blake2b(b"file\0" + path.encode("utf-8", "surrogateescape"), digest_size=8, key=secret or b"")
     return int.from_bytes(h.digest(), "little", signed=True)
 
 
@@ -252,7 +261,7 @@ class PartWriter:
                 row = {c: None for c in COLUMNS} | {
                     k: row.get(k) if isinstance(row.get(k), t) else None
                     for k, t in (("path", str), ("key", int), ("model_sha256", str), ("run_id", str),
-                                 ("path_bytes", bytes))}
+                                 ("path_bytes", bytes), ("file_id", int))}
                 row.update(status="error", reason=INTERNAL,
                            message=f"the row could not be written ({type(e).__name__}); rerun to retry")
             rows.append(row)

@@ -31,7 +31,7 @@ ROWS_PER_PASS = 1_000_000  # studies are aggregated in hash partitions of about 
 
 #: Columns of the current rows (no thumbnails: they are read only for the studies shown).
 _CURRENT = ["path", "path_bytes", "status", "reason", "probability", "positive", "key", "study_uid", "series_uid",
-            "sop_uid", "frame", "run_id", *STATS]
+            "sop_uid", "frame", "run_id", "file_id", *STATS]
 
 
 def group_sql(group_by: str | None) -> str:
@@ -90,14 +90,17 @@ class Rows:
         # redacted DICOM paths can coincide (same patient, same file name on two dates): the SOP UID tells them apart
         self.con.execute(f"""
             CREATE TEMP TABLE cur AS
-            SELECT * EXCLUDE (path_bytes, run_id, key, sop_uid),
+            SELECT * EXCLUDE (path_bytes, run_id, key, sop_uid, file_id),
                    sop_uid,
                    coalesce(study_uid, {grp}) AS study,
                    CASE WHEN study_uid IS NULL THEN {grp} ELSE series_uid END AS series
             FROM {source}
-            QUALIFY row_number() OVER (
+            QUALIFY CASE WHEN file_id IS NULL THEN row_number() OVER (
                 PARTITION BY coalesce(path_bytes, encode(path)), coalesce(sop_uid, ''), coalesce(frame, -1)
-                ORDER BY run_id DESC) = 1""", params)
+                ORDER BY run_id DESC) = 1
+              -- the newest run's rows of a file supersede all its older ones (an error row carries no SOP UID;
+              -- a file replaced by another instance has another): every row of that run for it, per frame
+              ELSE run_id = max(run_id) OVER (PARTITION BY file_id) END""", params)
 
     def __enter__(self) -> "Rows":
         return self

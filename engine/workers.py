@@ -55,10 +55,10 @@ def shown_path(path: str, key: str | None) -> str:
     return pseudonym_path(path, key) if key else path
 
 
-def decode_batch(items: list[tuple[str, int, int, int]], spec: dict) -> dict:
+def decode_batch(items: list[tuple[str, int, int, int, int]], spec: dict) -> dict:
     """Ray task: read and decode+resize each file; one uint8 (k, H, W, 1) array for the k frames that decoded.
 
-    ``items`` are (path, size, mtime_ns, key). Returns ``{"images": array, "meta": [dict, ...]}``:
+    ``items`` are (path, size, mtime_ns, key, file_id). Returns ``{"images": array, "meta": [dict, ...]}``:
     one meta row per frame (or per failed file) in input order; rows with status "ok" map to
     images in order. Paths and messages of DICOM rows carry no identifying header value.
     """
@@ -69,8 +69,9 @@ def decode_batch(items: list[tuple[str, int, int, int]], spec: dict) -> dict:
     images, meta = [], []
     thumbs = spec.get("thumbnails", "auto")
     pkey = spec.get("pseudonym_key")
-    for path, size, mtime_ns, key in items:
-        base = {"path": shown_path(path, pkey), "file_size": size, "mtime_ns": mtime_ns, "key": key}
+    for path, size, mtime_ns, key, file_id in items:
+        base = {"path": shown_path(path, pkey), "file_size": size, "mtime_ns": mtime_ns, "key": key,
+                "file_id": file_id}
         t0 = time.perf_counter()
         try:
             data = read_file(path)
@@ -135,7 +136,7 @@ class PredictorActor:
         return {"provider": self.predictor.provider, "host": socket.gethostname(), "pid": os.getpid(),
                 "node": self.node, "runtime": self.predictor.runtime, "note": self.note}
 
-    def screen(self, items: list[tuple[str, int, int, int]], spec: dict) -> list[dict]:
+    def screen(self, items: list[tuple[str, int, int, int, int]], spec: dict) -> list[dict]:
         """CPU nodes: decode the batch in this process, then predict it (no hand-off between processes)."""
         return self.predict(decode_batch(items, spec))
 

@@ -43,3 +43,38 @@ def test_a_file_is_screened_once_however_it_is_named(tmp_path):
     rows = read_rows(out)
     assert len(rows) == len(files) and rows.path.is_unique, rows.path.tolist()
     assert set(rows.path) == {str(p) for p in files}
+
+
+def _ct_small(path: Path, sop: str | None = None) -> None:
+    import pydicom
+    from pydicom.data import get_testdata_file
+
+    ds = pydicom.dcmread(get_testdata_file("CT_small.dcm", download=False))
+    if sop:
+        ds.SOPInstanceUID = sop
+        ds.file_meta.MediaStorageSOPInstanceUID = sop
+    ds.save_as(path)
+
+
+def test_the_newest_row_of_a_file_supersedes_all_its_older_rows(tmp_path):
+    import json
+
+    data = tmp_path / "data"
+    data.mkdir()
+    _ct_small(data / "a.dcm")
+    target = tmp_path / "later.dcm"
+    (data / "b.dcm").symlink_to(target)  # dangling: an unreadable row, retried by the next run
+    out, model = tmp_path / "out", _model(tmp_path)
+    args = ("covidct-batch", data, "--model", model, "--out", out, "--no-progress", "--num-cpus", "1")
+    r = run_cli(*args)
+    assert r.returncode == 1, r.stderr[-2000:]
+    _ct_small(target)  # now readable
+    r = run_cli(*args)
+    assert r.returncode == 0, r.stdout[-2000:]  # the old error row of b.dcm is no longer current
+    assert json.loads((out / "run.json").read_text())["current"] == {"ok": 2, "error": 0, "skipped": 0}
+    # a file replaced by another instance (another SOP UID): only the new prediction is current
+    _ct_small(data / "a.dcm", sop="1.2.826.0.1.3680043.8.498.77")
+    r = run_cli(*args)
+    assert r.returncode == 0
+    assert json.loads((out / "run.json").read_text())["current"] == {"ok": 2, "error": 0, "skipped": 0}
+    assert len(read_rows(out)) == 4  # every row is kept; only which are current changed
