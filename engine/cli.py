@@ -148,9 +148,13 @@ def format_summary(run: dict, out: Path) -> str:
     lines.append(f"  predictions: {Path(out) / 'predictions'}/part-*.parquet; run record: {Path(out) / 'run.json'}")
     lines.append(f"  studies: {Path(out) / 'studies.parquet'}; report: {Path(out) / 'report.html'}")
     cur = run.get("current", {})
-    if cur.get("error") and not c["error"]:
-        lines.append(f"  {cur['error']:,} error rows from earlier runs are still current in OUT_DIR "
+    gone = run.get("current_errors_not_found", 0)
+    if cur.get("error", 0) - gone and not c["error"]:
+        lines.append(f"  {cur['error'] - gone:,} error rows from earlier runs are still current in OUT_DIR "
                      "(unreadable and internal ones are retried by every rerun)")
+    if gone:
+        lines.append(f"  {gone:,} current error rows are of files this run did not find (gone, or not among its "
+                     "inputs): they do not decide the exit code")
     lines.append(f"  exit code {run['exit_code']}")
     lines.append(DISCLAIMER)
     return "\n".join(lines)

@@ -452,6 +452,7 @@ def _run(cfg, contract, model_sha, out, done, run_id, started, t_start, lock, se
     stages = {k: Reservoir() for k in ("read_ms", "decode_ms", "infer_ms", "batch_latency_ms")}
     progress = Progress(cfg.progress)
     listed = KeySet()  # files named on the command line or in --from-list may be named twice
+    seen = KeySet()  # file_id of every file this run found
     in_flight: dict = {}  # ref -> (items, submitted monotonic, actor index)
     walked = {"total": 0, "finished": False}
     t_first_row: list[float] = []  # when the first rows came back, and how many they were
@@ -459,6 +460,7 @@ def _run(cfg, contract, model_sha, out, done, run_id, started, t_start, lock, se
     def todo():
         for item in iter_inputs(cfg.inputs, cfg.from_list, exclude=[out]):
             walked["total"] += 1
+            seen.add(file_key(item.path, secret))  # 8 bytes a file: which earlier error rows still decide the exit
             key = row_key(item.path, item.size, item.mtime_ns, model_sha, secret)
             if key in done:
                 summary.already_done += 1
@@ -560,8 +562,9 @@ def _run(cfg, contract, model_sha, out, done, run_id, started, t_start, lock, se
     summary.run["shift"] = compare(contract.reference, shift_hist)
     summary.run["shift"]["scope"] = "the slices predicted by this run"
     write_json(out / RUN, summary.run)
-    summary.run = build_report(out, cfg.top_k, cfg.group_by)
-    if summary.run["current"]["error"] and summary.exit_code == EXIT_OK:
+    summary.run = build_report(out, cfg.top_k, cfg.group_by, seen=seen)
+    cur = summary.run["current"]
+    if cur["error"] - summary.run.get("current_errors_not_found", 0) and summary.exit_code == EXIT_OK:
         # error rows of earlier runs are still there (deterministic ones are not retried): say so
         summary.exit_code = summary.run["exit_code"] = EXIT_FILE_ERRORS
         write_json(out / RUN, summary.run)

@@ -175,13 +175,15 @@ threshold {thr:.4f}, provider {_esc(', '.join(run['execution_providers']))}.</p>
     return out / REPORT
 
 
-def build_report(out: Path, top_k: int | None = None, group_by: str | None = "<from run.json>") -> dict:
+def build_report(out: Path, top_k: int | None = None, group_by: str | None = "<from run.json>", seen=None) -> dict:
     """studies.parquet and report.html from OUT_DIR alone (its parts and run.json); updates run.json.
 
     ``top_k`` and ``group_by`` default to the run's own; covidct-batch calls this at the end of a
     run, covidct-report after a crash or to change the rule without screening again.
     Returns the updated run record: ``studies``, and ``current`` (rows by status now current in
-    OUT_DIR for this model, earlier runs' included)."""
+    OUT_DIR for this model, earlier runs' included). With ``seen`` (the file_ids a run found), ``current``
+    also says how many current error rows are of files that run did not find (gone, or not among its
+    inputs): ``current_errors_not_found``; those do not decide its exit code."""
     from .studies import Rows
 
     out = Path(out)
@@ -195,6 +197,9 @@ def build_report(out: Path, top_k: int | None = None, group_by: str | None = "<f
         run["studies"] = {**counts, "rule": f"mean of the top {top_k} slice probabilities >= threshold",
                           "group_by": group_by}
         run["current"] = {k: int(rows.status_counts().get(k, 0)) for k in ("ok", "error", "skipped")}
+        if seen is not None:
+            ids, _legacy = rows.error_file_ids()  # rows without a file_id cannot be told apart: they count
+            run["current_errors_not_found"] = int(sum(1 for i in ids.tolist() if i not in seen))
         write_json(out / RUN, run)
         write_report(out, run, rows)
     return run

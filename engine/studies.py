@@ -90,7 +90,7 @@ class Rows:
         # redacted DICOM paths can coincide (same patient, same file name on two dates): the SOP UID tells them apart
         self.con.execute(f"""
             CREATE TEMP TABLE cur AS
-            SELECT * EXCLUDE (path_bytes, run_id, key, sop_uid, file_id),
+            SELECT * EXCLUDE (path_bytes, run_id, key, sop_uid),
                    sop_uid,
                    coalesce(study_uid, {grp}) AS study,
                    CASE WHEN study_uid IS NULL THEN {grp} ELSE series_uid END AS series
@@ -115,6 +115,12 @@ class Rows:
     # ---------------------------------------------------------------- summaries for the report
     def status_counts(self) -> dict[str, int]:
         return dict(self.con.execute("SELECT status, count(*) FROM cur GROUP BY status").fetchall())
+
+    def error_file_ids(self) -> tuple[np.ndarray, int]:
+        """file_id of every current error row, and how many such rows have none (written before the column)."""
+        ids = self.con.execute("SELECT file_id FROM cur WHERE status = 'error' AND file_id IS NOT NULL").fetchnumpy()
+        legacy = self.con.execute("SELECT count(*) FROM cur WHERE status = 'error' AND file_id IS NULL").fetchone()[0]
+        return np.asarray(ids["file_id"], np.int64), int(legacy)
 
     def flagged_counts(self) -> dict[str, int]:
         return {("flagged" if p else "not flagged"): n for p, n in self.con.execute(

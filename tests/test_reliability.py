@@ -78,3 +78,22 @@ def test_the_newest_row_of_a_file_supersedes_all_its_older_rows(tmp_path):
     assert r.returncode == 0
     assert json.loads((out / "run.json").read_text())["current"] == {"ok": 2, "error": 0, "skipped": 0}
     assert len(read_rows(out)) == 4  # every row is kept; only which are current changed
+
+
+def test_error_rows_of_files_that_are_gone_stop_deciding_the_exit_code(tmp_path):
+    import json
+
+    data = tmp_path / "data"
+    _pngs(data, 3)
+    (data / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 40)  # corrupt: a final error row
+    out, model = tmp_path / "out", _model(tmp_path)
+    args = ("covidct-batch", data, "--model", model, "--out", out, "--no-progress", "--num-cpus", "1")
+    assert run_cli(*args).returncode == 1
+    r = run_cli(*args)  # still there: its error row is current and decides the exit code
+    assert r.returncode == 1 and "still current" in r.stdout
+    (data / "broken.png").unlink()
+    r = run_cli(*args)
+    assert r.returncode == 0, r.stdout[-2000:]
+    assert "did not find" in r.stdout
+    run = json.loads((out / "run.json").read_text())
+    assert run["current"]["error"] == 1 and run["current_errors_not_found"] == 1
