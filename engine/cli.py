@@ -215,7 +215,29 @@ def report_main(out, top_k, group_by, verbose):
     if not (out / RUN).is_file():
         click.echo(f"covidct-report: error: {out / RUN} does not exist: not a covidct-batch OUT_DIR", err=True)
         sys.exit(2)
-    st = build_report(out, top_k, group_by)["studies"]
+    import json
+
+    from .lock import LockedError, OutDirLock
+    from .sink import OutputError
+    try:
+        json.loads((out / RUN).read_text())["model"]["sha256"]
+    except (ValueError, KeyError, TypeError, OSError) as e:
+        click.echo(f"covidct-report: error: {out / RUN} is not a covidct-batch run record ({type(e).__name__}); "
+                   "rerun covidct-batch with the same OUT_DIR and model to write it again (the parts are kept)",
+                   err=True)
+        sys.exit(2)
+    try:  # it writes what a run writes (run.json, studies.parquet, report.html): never beside a live run
+        lock = OutDirLock(out).acquire()
+    except LockedError as e:
+        click.echo(f"covidct-report: error: {e}; run covidct-report once that run has ended", err=True)
+        sys.exit(2)
+    try:
+        st = build_report(out, top_k, group_by)["studies"]
+    except OutputError as e:
+        click.echo(f"covidct-report: error: {e}", err=True)
+        sys.exit(3)
+    finally:
+        lock.release()
     click.echo(f"studies: {st['flagged']} flagged of {st['studies']} ({st['rule']}); "
                f"{out / 'studies.parquet'}; {out / 'report.html'}")
     for line in study_table(out):

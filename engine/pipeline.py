@@ -544,7 +544,7 @@ def _run(cfg, contract, model_sha, out, done, run_id, started, t_start, lock, se
         writer.flush()
     except (OutputError, KeyboardInterrupt) as e:
         progress.update(sum(summary.counts.values()), None, summary.counts["error"], force=True)
-        with contextlib.suppress(OSError):  # the disk may be full: the record is best effort
+        with contextlib.suppress(OSError, OutputError):  # the disk may be full: the record is best effort
             write_json(out / RUN, record("stopped: output not written" if isinstance(e, OutputError)
                                          else "interrupted"))
         raise
@@ -562,13 +562,32 @@ def _run(cfg, contract, model_sha, out, done, run_id, started, t_start, lock, se
     summary.run["shift"] = compare(contract.reference, shift_hist)
     summary.run["shift"]["scope"] = "the slices predicted by this run"
     write_json(out / RUN, summary.run)
-    summary.run = build_report(out, cfg.top_k, cfg.group_by, seen=seen)
+    try:
+        summary.run = build_report(out, cfg.top_k, cfg.group_by, seen=seen)
+    except OutputError:
+        raise
+    except Exception as e:  # noqa: BLE001  OSError, DuckDB's IOException: studies/report could not be written
+        if not _is_output_failure(e):
+            raise
+        raise OutputError(f"studies.parquet/report.html could not be written ({str(e).splitlines()[0][:200]}); "
+                          "every prediction part is intact, and covidct-report OUT_DIR rebuilds them") from None
     cur = summary.run["current"]
     if cur["error"] - summary.run.get("current_errors_not_found", 0) and summary.exit_code == EXIT_OK:
         # error rows of earlier runs are still there (deterministic ones are not retried): say so
         summary.exit_code = summary.run["exit_code"] = EXIT_FILE_ERRORS
         write_json(out / RUN, summary.run)
     return summary
+
+
+def _is_output_failure(e: Exception) -> bool:
+    """A write that failed for want of space or permission (OSError, or DuckDB's IO error saying so)."""
+    import errno
+    if isinstance(e, OSError):
+        return True
+    text = str(e).lower()
+    return type(e).__name__ in ("IOException", "IOError") or any(
+        w in text for w in ("no space left", "disk quota", "read-only file system", "permission denied",
+                            os.strerror(errno.ENOSPC).lower()))
 
 
 def _driver_row(item, key: int, reason: str, message: str, contract: Contract, model_sha: str, run_id: str,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import html
 import json
 import os
@@ -206,7 +207,18 @@ def build_report(out: Path, top_k: int | None = None, group_by: str | None = "<f
 
 
 def write_json(path: Path, record: dict) -> None:
-    """``record`` as JSON, atomically (temporary file, rename)."""
+    """``record`` as JSON, atomically (temporary file, fsync, rename); OutputError when it cannot be written
+    (a full disk outside the parts stops a run like one inside them: exit 3)."""
+    from .sink import OutputError
+
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(record, indent=2, default=str))
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            f.write(json.dumps(record, indent=2, default=str))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        raise OutputError(f"{path} could not be written ({e.strerror or e})") from None

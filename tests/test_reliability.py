@@ -97,3 +97,43 @@ def test_error_rows_of_files_that_are_gone_stop_deciding_the_exit_code(tmp_path)
     assert "did not find" in r.stdout
     run = json.loads((out / "run.json").read_text())
     assert run["current"]["error"] == 1 and run["current_errors_not_found"] == 1
+
+
+def test_a_write_failure_outside_the_parts_is_exit_3_with_the_message(tmp_path):
+    data = tmp_path / "data"
+    _pngs(data, 4)
+    model = _model(tmp_path)
+    out = tmp_path / "out"
+    (out / "run.json.tmp").mkdir(parents=True)  # run.json cannot be written at the start
+    r = run_cli("covidct-batch", data, "--model", model, "--out", out, "--no-progress", "--num-cpus", "1")
+    assert r.returncode == 3, r.stderr[-2000:]
+    assert "run.json could not be written" in r.stderr and "Traceback" not in r.stderr
+    (out / "run.json.tmp").rmdir()
+    (out / "report.html.tmp").mkdir()  # the report cannot be written at the end
+    r = run_cli("covidct-batch", data, "--model", model, "--out", out, "--no-progress", "--num-cpus", "1")
+    assert r.returncode == 3 and "report.html could not be written" in r.stderr and "Traceback" not in r.stderr
+    assert len(read_rows(out)) == 4  # every prediction part is intact
+    (out / "report.html.tmp").rmdir()
+    r = run_cli("covidct-report", out)
+    assert r.returncode == 0 and (out / "report.html").is_file()
+
+
+def test_covidct_report_refuses_beside_a_live_run_and_a_garbage_record(tmp_path):
+    from engine.lock import OutDirLock
+
+    data = tmp_path / "data"
+    _pngs(data, 3)
+    out = tmp_path / "out"
+    assert run_cli("covidct-batch", data, "--model", _model(tmp_path), "--out", out, "--no-progress",
+                   "--num-cpus", "1").returncode == 0
+    before = (out / "run.json").read_bytes()
+    lock = OutDirLock(out).acquire()  # a live run of this process holds OUT_DIR
+    try:
+        r = run_cli("covidct-report", out)
+    finally:
+        lock.release()
+    assert r.returncode == 2 and "in use by another covidct-batch run" in r.stderr
+    assert (out / "run.json").read_bytes() == before and not list(out.glob("*.tmp"))
+    (out / "run.json").write_bytes(b"\x00garbage{")
+    r = run_cli("covidct-report", out)
+    assert r.returncode == 2 and "not a covidct-batch run record" in r.stderr and "Traceback" not in r.stderr
