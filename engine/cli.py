@@ -62,7 +62,8 @@ def main(inputs, model, out, from_list, overwrite, batch_size, num_cpus, predict
     """Screen CT slices under INPUT... (folders, files) with MODEL; one prediction row per file.
 
     Exit codes: 0 every file ok or skipped; 1 finished, some files are error rows;
-    2 nothing done (bad options, no model, broken contract, Ray unreachable, OUT in use by another run);
+    2 nothing done (bad options, no model, broken contract, Ray unreachable, OUT in use by another run,
+    no file found under the inputs);
     3 stopped because a part could not be written (disk full): earlier parts intact; 130 interrupted.
     """
     setup_logging(verbose)
@@ -115,6 +116,8 @@ def format_summary(run: dict, out: Path) -> str:
         lines.append(f"  {r['status'] + ', ' + str(r['reason']):<32} {r['files']:>10,}")
     lines.append(f"  {'already done (resumed)':<32} {c['already_done']:>10,}")
     lines.append("-" * 44)
+    if run.get("files_found") == 0:
+        lines.append("  NOTHING FOUND: no file under the inputs (an empty folder, an unmounted share?); exit code 2")
     steady = run.get("steady_images_per_s")
     lines.append(f"  throughput {run['images_per_s']:,.1f} img/s end to end"
                  + (f", {steady:,.1f} img/s steady" if steady else "") + f" over {run['seconds']:.1f} s")

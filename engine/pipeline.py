@@ -558,7 +558,10 @@ def _run(cfg, contract, model_sha, out, done, run_id, started, t_start, lock, se
     if t_first_row and n - t_first_row[1] >= 100 and t_end > t_first_row[0]:  # too few rows: no steady state
         summary.steady_images_per_s = (n - t_first_row[1]) / (t_end - t_first_row[0])
     summary.exit_code = EXIT_FILE_ERRORS if summary.counts["error"] else EXIT_OK
+    if walked["total"] == 0:  # an empty folder, an unmounted share: nothing was done, and the code says so
+        summary.exit_code = EXIT_BAD_RUN
     summary.run = record("complete")
+    summary.run["files_found"] = walked["total"]
     summary.run["shift"] = compare(contract.reference, shift_hist)
     summary.run["shift"]["scope"] = "the slices predicted by this run"
     write_json(out / RUN, summary.run)

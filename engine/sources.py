@@ -43,7 +43,9 @@ def _stat_item(path: str, entry: os.DirEntry | None = None) -> Item:
     try:
         st = entry.stat() if entry is not None else os.stat(path)
     except OSError as e:
-        if e.errno in (errno.ENOENT, errno.ELOOP, errno.ENOTDIR) and is_link():
+        if e.errno == errno.ELOOP and is_link():
+            return Item(path, -1, -1, "symbolic link loop (too many levels of links)", listed=listed)
+        if e.errno in (errno.ENOENT, errno.ENOTDIR) and is_link():
             return Item(path, -1, -1, "dangling symbolic link", listed=listed)
         return Item(path, -1, -1, e.strerror or str(e), listed=listed)
     if not stat.S_ISREG(st.st_mode):

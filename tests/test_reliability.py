@@ -137,3 +137,20 @@ def test_covidct_report_refuses_beside_a_live_run_and_a_garbage_record(tmp_path)
     (out / "run.json").write_bytes(b"\x00garbage{")
     r = run_cli("covidct-report", out)
     assert r.returncode == 2 and "not a covidct-batch run record" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_an_empty_input_says_nothing_was_found_and_a_link_loop_is_named(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    r = run_cli("covidct-batch", empty, "--model", _model(tmp_path), "--out", tmp_path / "o1", "--no-progress",
+                "--num-cpus", "1")
+    assert r.returncode == 2 and "NOTHING FOUND" in r.stdout
+    data = tmp_path / "data"
+    _pngs(data, 1)
+    (data / "loop-a").symlink_to(data / "loop-b")
+    (data / "loop-b").symlink_to(data / "loop-a")
+    r = run_cli("covidct-batch", data, "--model", _model(tmp_path), "--out", tmp_path / "o2", "--no-progress",
+                "--num-cpus", "1")
+    assert r.returncode == 1
+    rows = read_rows(tmp_path / "o2").set_index("path")
+    assert "symbolic link loop" in rows.loc[str(data / "loop-a"), "message"]
