@@ -107,7 +107,9 @@ class ScreenConfig:
         for p in self.inputs:
             rp = os.path.realpath(p)
             if rp == out or rp.startswith(out.rstrip(os.sep) + os.sep):
-                raise RunError(f"input {p} is inside OUT_DIR {self.out}: give another --out")
+                named = (f"input {p}" if not self.pseudonym_key else
+                         f"input number {self.inputs.index(p) + 1} (not shown: --pseudonymize)")
+                raise RunError(f"{named} is inside OUT_DIR: give another --out")
         if self.thumbnails not in ("auto", "on", "off"):
             raise RunError(f"--thumbnails must be auto, on or off; got {self.thumbnails!r}")
         if self.predictors is not None and self.predictors < 1:

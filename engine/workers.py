@@ -36,6 +36,11 @@ def pseudonymize(uid: str, key: str | None) -> str:
     return "2.25." + str(int.from_bytes(_keyed(key, uid.encode())[:16], "big"))
 
 
+#: Extensions a pseudonym keeps (what kind of file a row was); any other suffix may be part of a name.
+IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".jpe", ".bmp", ".dib", ".tif", ".tiff", ".dcm", ".dicom",
+                              ".ima", ".jp2", ".j2k", ".webp", ".gif", ".pgm", ".pnm", ".ppm"})
+
+
 def pseudonym_path(path: str, key: str) -> str:
     """A path that names no folder or file: ``/pseudonymized/<folder hash>/<file hash><ext>``.
 
@@ -45,9 +50,9 @@ def pseudonym_path(path: str, key: str) -> str:
     def h(text: str) -> str:
         return _keyed(key, os.fsencode(text)).hex()[:16]
 
-    ext = os.path.splitext(path)[1]
-    ext = ext if len(ext) <= 6 and ext[1:].isalnum() and ext.isascii() else ""
-    return f"/pseudonymized/{h(os.path.dirname(path))}/{h(path)}{ext.lower()}"
+    ext = os.path.splitext(path)[1].lower()
+    ext = ext if ext in IMAGE_EXTENSIONS else ""  # 'Doe.John' has no extension to keep
+    return f"/pseudonymized/{h(os.path.dirname(path))}/{h(path)}{ext}"
 
 
 def shown_path(path: str, key: str | None) -> str:

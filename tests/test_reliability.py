@@ -154,3 +154,24 @@ def test_an_empty_input_says_nothing_was_found_and_a_link_loop_is_named(tmp_path
     assert r.returncode == 1
     rows = read_rows(tmp_path / "o2").set_index("path")
     assert "symbolic link loop" in rows.loc[str(data / "loop-a"), "message"]
+
+
+def test_pseudonyms_keep_only_image_extensions_and_no_message_shows_a_raw_path():
+    from engine.workers import pseudonym_path
+
+    assert pseudonym_path("/data/Doe.John", "k").endswith("/" + pseudonym_path("/data/Doe.John", "k").rsplit("/", 1)[1])
+    assert "." not in pseudonym_path("/data/Doe.John", "k").rsplit("/", 1)[1]
+    assert "." not in pseudonym_path("/data/scan.Smith", "k").rsplit("/", 1)[1]
+    assert pseudonym_path("/data/DOE/slice-1.DCM", "k").endswith(".dcm")
+    assert pseudonym_path("/data/DOE/slice-1.png", "k").endswith(".png")
+
+
+def test_an_input_inside_out_dir_is_refused_without_its_path_under_pseudonymize(tmp_path):
+    import os
+    out = tmp_path / "out"
+    inside = out / "DOE_JOHN"
+    _pngs(inside, 1)
+    r = run_cli("covidct-batch", inside, "--model", _model(tmp_path), "--out", out, "--pseudonymize",
+                env={**os.environ, "COVIDCT_PSEUDONYM_KEY": "k" * 32})
+    assert r.returncode == 2 and "inside OUT_DIR" in r.stderr
+    assert "DOE_JOHN" not in r.stderr + r.stdout
