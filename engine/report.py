@@ -156,7 +156,17 @@ threshold {thr:.4f}, provider {_esc(', '.join(run['execution_providers']))}.</p>
         if st["flagged"] > len(flagged):
             parts.append(f"<p>{st['flagged'] - len(flagged)} more flagged studies are in studies.parquet.</p>")
     else:
-        parts.append("<p>No study grouping (DICOM UIDs or --group-by) for these inputs.</p>")
+        top = rows.top_flagged(MAX_FLAGGED)
+        parts.append("<p>No study grouping (DICOM UIDs or --group-by) for these inputs: the most probable "
+                     f"flagged files are listed instead ({len(top)} shown).</p>")
+        if top:
+            parts.append('<table id="flagged-files"><tr><th>file</th><th>probability</th><th>slice</th></tr>')
+            for path, p, b in top:
+                img = (f'<img alt="slice p={p:.3f}" width="96" height="96" '
+                       f'src="data:image/jpeg;base64,{base64.b64encode(b).decode()}">' if b else "")
+                parts.append(f"<tr><td><code>{_esc(path)}</code></td><td class='flag'>{p:.3f}</td>"
+                             f"<td class='thumbs'>{img}</td></tr>")
+            parts.append("</table>")
 
     parts.append('<h2>Errors and skips</h2><table id="reasons"><tr><th>status</th><th>reason</th><th>number</th></tr>')
     for st_, reason, n in rows.reasons():

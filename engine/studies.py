@@ -155,6 +155,20 @@ class Rows:
             best.setdefault(study, []).append((p, b))
         return best
 
+    def top_flagged(self, limit: int) -> list[tuple[str, float, bytes | None]]:
+        """The ``limit`` most probable current flagged slices: (path as rows show it, probability, thumbnail)."""
+        top = self.con.execute(f"""SELECT path, probability, file_id FROM cur WHERE status = 'ok' AND positive
+                                   ORDER BY probability DESC, path LIMIT {int(limit)}""").fetchall()
+        ids = [f for _, _, f in top if f is not None]
+        thumbs: dict[int, bytes] = {}
+        if ids and self.parts:
+            self.con.execute("CREATE OR REPLACE TEMP TABLE shown_files AS SELECT unnest(?) AS file_id", [ids])
+            thumbs = dict(self.con.execute("""
+                SELECT file_id, arg_max(thumbnail, probability) FROM read_parquet(?, union_by_name=true)
+                WHERE thumbnail IS NOT NULL AND model_sha256 = ? AND file_id IN (SELECT file_id FROM shown_files)
+                GROUP BY file_id""", [self.parts, self.sha]).fetchall())
+        return [(path, p, thumbs.get(f)) for path, p, f in top]
+
     # ---------------------------------------------------------------- studies
     def build_studies(self, threshold: float, top_k: int = 3, reference: dict | None = None,
                       batch_rows: int = 10_000) -> dict:

@@ -175,3 +175,23 @@ def test_an_input_inside_out_dir_is_refused_without_its_path_under_pseudonymize(
                 env={**os.environ, "COVIDCT_PSEUDONYM_KEY": "k" * 32})
     assert r.returncode == 2 and "inside OUT_DIR" in r.stderr
     assert "DOE_JOHN" not in r.stderr + r.stdout
+
+
+def test_a_report_without_study_grouping_lists_the_top_flagged_files(tmp_path):
+    from engine.contract import Contract
+
+    data = tmp_path / "data"
+    data.mkdir()
+    for i, v in enumerate((250, 240, 20)):  # the tiny model's probability is the mean grey
+        cv2.imwrite(str(data / f"s{i}.png"), np.full((40, 40), v, np.uint8))
+    model = tiny_model(tmp_path / "m.onnx", SIZE, contract=Contract(image_size=SIZE, class_names=("neg", "pos"),
+                                                                    positive_class="pos", threshold=0.5,
+                                                                    preprocessing={"method": "resize"}))
+    out = tmp_path / "out"
+    r = run_cli("covidct-batch", data, "--model", model, "--out", out, "--no-progress", "--num-cpus", "1")
+    assert r.returncode == 0, r.stderr[-2000:]
+    html = (out / "report.html").read_text()
+    table = html[html.index('id="flagged-files"'):]
+    table = table[:table.index("</table>")]
+    assert str(data / "s0.png") in table and str(data / "s1.png") in table and "s2.png" not in table
+    assert table.index("s0.png") < table.index("s1.png") and table.count("<img") == 2
