@@ -35,7 +35,8 @@ from .predictor import ModelError
 from .reasons import INTERNAL
 from .report import REPORT, RUN, build_report, write_json
 from .shift import STATS, Histograms, compare
-from .sink import PREDICTIONS, SECRET, DoneIndex, KeySet, OutputError, PartWriter, file_key, out_secret, row_key
+from .sink import (PREDICTIONS, SECRET, DoneIndex, KeySet, OutputError, PartWriter, SecretError, file_key, out_secret,
+                   row_key)
 from .sources import iter_inputs
 from .studies import STUDIES
 from .stats import Progress, Reservoir
@@ -330,6 +331,8 @@ def _locked_run(cfg: ScreenConfig, out: Path, lock: OutDirLock, started: float, 
     try:
         pred_dir.mkdir(parents=True, exist_ok=True)
         secret = out_secret(out)
+    except SecretError as e:
+        raise RunError(str(e)) from None
     except OSError as e:
         raise RunError(f"cannot write OUT_DIR {out}: {e.strerror or e}") from None
 
@@ -448,7 +451,7 @@ def _run(cfg, contract, model_sha, out, done, run_id, started, t_start, lock, se
             "thumbnails": cfg.thumbnails, "fast_jpeg": cfg.fast_jpeg}
     spec_ref = ray.put(spec)
 
-    writer = PartWriter(out / PREDICTIONS, run_id, cfg.rows_per_part, cfg.part_seconds)
+    writer = PartWriter(out / PREDICTIONS, run_id, cfg.rows_per_part, cfg.part_seconds, secret=secret)
     summary = RunSummary(out=out)
     shift_hist = Histograms()  # this run's slices, in the reference's fixed bins: bounded memory
     stages = {k: Reservoir() for k in ("read_ms", "decode_ms", "infer_ms", "batch_latency_ms")}

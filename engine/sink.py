@@ -106,9 +106,21 @@ def out_secret(out: Path) -> bytes | None:
     Keys are then MACs: a row's key cannot be searched for the redacted parts of its path. An
     OUT_DIR whose parts predate the secret keeps unkeyed keys (None), so that it still resumes."""
     path = Path(out) / SECRET
+    parts = sorted((Path(out) / PREDICTIONS).glob("part-*.parquet"))
     if path.exists():
-        return path.read_bytes()
-    if any((Path(out) / PREDICTIONS).glob("part-*.parquet")):
+        secret = path.read_bytes()
+        marks = _part_fingerprints(parts)
+        if marks and secret_fingerprint(secret) not in marks:
+            raise SecretError(f"{path} is not the secret this OUT_DIR's parts were keyed with (fingerprint "
+                              f"{secret_fingerprint(secret)}, parts: {', '.join(sorted(marks))}): restore the right "
+                              "file, or start afresh with --overwrite")
+        return secret
+    if parts:
+        if _part_fingerprints(parts):
+            raise SecretError(f"{path} is missing, but the parts in {Path(out) / PREDICTIONS} were keyed with it "
+                              "(a copy or backup that skips dotfiles?). Without it nothing already screened can "
+                              "be recognised and every file would be screened twice: restore the file from where "
+                              "OUT_DIR came from, or start afresh with --overwrite")
         log.warning("OUT_DIR has rows without a secret (an older version wrote them): its row keys stay unkeyed")
         return None
     fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
@@ -117,6 +129,32 @@ def out_secret(out: Path) -> bytes | None:
         f.flush()
         os.fsync(f.fileno())
     return path.read_bytes()
+
+
+class SecretError(RuntimeError):
+    """OUT_DIR's secret is missing or not the one its parts were keyed with: resuming would duplicate rows."""
+
+
+#: Parquet metadata key of a part: the fingerprint of the secret its keys were made with.
+FINGERPRINT_KEY = b"covidct_secret_fingerprint"
+
+
+def secret_fingerprint(secret: bytes | None) -> str:
+    """What a part records of the secret (never the secret itself): 16 hex digits of a hash of it."""
+    return hashlib.blake2b(b"fingerprint\0" + (secret or b""), digest_size=8).hexdigest() if secret else ""
+
+
+def _part_fingerprints(parts: list[Path], sample: int = 3) -> set[str]:
+    """Fingerprints recorded by the first and last few parts (older parts record none)."""
+    marks = set()
+    for p in parts[:sample] + parts[-sample:]:
+        try:
+            meta = pq.read_schema(p).metadata or {}
+        except (OSError, pa.ArrowException):
+            continue
+        if meta.get(FINGERPRINT_KEY):
+            marks.add(meta[FINGERPRINT_KEY].decode())
+    return marks
 
 
 def row_key(path: str, size: int, mtime_ns: int, model_sha256: str, secret: bytes | None = None) -> int:
@@ -192,8 +230,10 @@ class PartWriter:
     the disk within seconds). A run killed at any moment leaves only whole parts.
     """
 
-    def __init__(self, pred_dir: Path, run_id: str, rows_per_part: int = 20000, max_seconds: float = 30.0):
+    def __init__(self, pred_dir: Path, run_id: str, rows_per_part: int = 20000, max_seconds: float = 30.0,
+                 secret: bytes | None = None):
         self.dir = Path(pred_dir)
+        self.fingerprint = secret_fingerprint(secret)
         self.dir.mkdir(parents=True, exist_ok=True)
         for stale in self.dir.glob("*.tmp"):  # left by a killed run: never renamed, never counted
             stale.unlink()
@@ -222,6 +262,9 @@ class PartWriter:
         if not self._n:
             return
         table = self._table()
+        if self.fingerprint:
+            table = table.replace_schema_metadata({**(table.schema.metadata or {}),
+                                                   FINGERPRINT_KEY: self.fingerprint.encode()})
         final = self.dir / f"part-{self.run_id}-{self._seq:05d}.parquet"
         tmp = final.with_name(final.name + ".tmp")
         try:

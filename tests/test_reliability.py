@@ -195,3 +195,21 @@ def test_a_report_without_study_grouping_lists_the_top_flagged_files(tmp_path):
     table = table[:table.index("</table>")]
     assert str(data / "s0.png") in table and str(data / "s1.png") in table and "s2.png" not in table
     assert table.index("s0.png") < table.index("s1.png") and table.count("<img") == 2
+
+
+def test_losing_the_out_dir_secret_is_refused_not_a_second_row_for_every_file(tmp_path):
+    data = tmp_path / "data"
+    _pngs(data, 4)
+    out, model = tmp_path / "out", _model(tmp_path)
+    args = ("covidct-batch", data, "--model", model, "--out", out, "--no-progress", "--num-cpus", "1")
+    assert run_cli(*args).returncode == 0
+    secret = (out / ".covidct-secret").read_bytes()
+    (out / ".covidct-secret").unlink()  # a copy that skipped dotfiles
+    r = run_cli(*args)
+    assert r.returncode == 2 and ".covidct-secret is missing" in r.stderr and "--overwrite" in r.stderr
+    (out / ".covidct-secret").write_bytes(b"x" * 32)  # the wrong one
+    r = run_cli(*args)
+    assert r.returncode == 2 and "not the secret" in r.stderr
+    (out / ".covidct-secret").write_bytes(secret)  # restored: resumes, nothing twice
+    r = run_cli(*args)
+    assert r.returncode == 0 and len(read_rows(out)) == 4
