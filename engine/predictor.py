@@ -56,10 +56,12 @@ def make_session(model_path: str, threads: int, device: str = "auto"):
         except Exception as e:  # missing libraries: CUDA will fail below and we fall back or raise
             log.debug("preload_dlls: %s", e)
         providers = [(CUDA, {"device_id": 0}), CPU]
-    try:
-        session = ort.InferenceSession(str(model_path), opts, providers=providers)
+    try:  # a path, or the bytes of the file (engine.runtimes.load hashed them)
+        session = ort.InferenceSession(model_path if isinstance(model_path, bytes) else str(model_path), opts,
+                                       providers=providers)
     except Exception as e:
-        raise ModelError(f"cannot load {model_path} with {providers}: {e}") from None
+        name = "the model" if isinstance(model_path, bytes) else model_path
+        raise ModelError(f"cannot load {name} with {providers}: {e}") from None
     in_use = session.get_providers()[0]
     if device == "cuda" and in_use != CUDA:
         raise ModelError("--device cuda was asked for but ONNX Runtime fell back to the CPU "
@@ -74,10 +76,10 @@ class Predictor:
     already the file of that precision)."""
 
     def __init__(self, model_path: str, threads: int, device: str = "auto", runtime: str = "onnxruntime",
-                 precision: str = "fp32"):
+                 precision: str = "fp32", expected_sha256: str | None = None):
         from .runtimes import load
 
-        self.backend = load(model_path, runtime, precision, threads, device)
+        self.backend = load(model_path, runtime, precision, threads, device, expected_sha256)
         self.provider = self.backend.device
         self.runtime, self.precision = runtime, precision
         self.contract: Contract = contract_from_metadata(self.backend.metadata, source=str(model_path))

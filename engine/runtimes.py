@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import io
 import json
 import logging
 import os
@@ -144,10 +145,11 @@ class OpenVinoBackend(Backend):
                   "NUM_STREAMS": 1, "ENABLE_CPU_PINNING": False,  # Ray's decode tasks share these cores
                   "INFERENCE_PRECISION_HINT": "bf16" if precision == BF16 else "f32"}
         try:
-            graph = core.read_model(str(model))
+            graph = core.read_model(io.BytesIO(model) if isinstance(model, bytes) else str(model))
             self.compiled = core.compile_model(graph, "CPU", config)
         except Exception as e:  # OpenVINO raises RuntimeError subclasses with long texts
-            raise RuntimeChoiceError(f"OpenVINO cannot compile {model}: {str(e).splitlines()[0][:300]}") from None
+            name = "the model" if isinstance(model, bytes) else model
+            raise RuntimeChoiceError(f"OpenVINO cannot compile {name}: {str(e).splitlines()[0][:300]}") from None
         # the ONNX file's metadata_props (the contract among them) under rt_info "framework"
         info = graph.get_rt_info()
         framework = info["framework"] if "framework" in info else {}
@@ -158,11 +160,27 @@ class OpenVinoBackend(Backend):
         return np.asarray(self.request.infer({0: x})[0]).reshape(-1)
 
 
-def load(model: str, runtime: str, precision: str, threads: int, device: str = "cpu") -> Backend:
-    """The backend for one (runtime, precision); ``model`` is already the file of that precision."""
+def load(model: str, runtime: str, precision: str, threads: int, device: str = "cpu",
+         expected_sha256: str | None = None) -> Backend:
+    """The backend for one (runtime, precision); ``model`` is already the file of that precision.
+
+    With ``expected_sha256`` the file is read once, its bytes are hashed and loaded: a file replaced after
+    the run hashed it (a re-export to the same path) is refused, never run under the old hash."""
+    source: str | bytes = model
+    if expected_sha256:
+        data = Path(model).read_bytes()
+        actual = hashlib.sha256(data).hexdigest()
+        if actual != expected_sha256:
+            raise ModelChangedError(f"{model} changed since the run started (sha256 {actual[:12]}, the run's "
+                                    f"{expected_sha256[:12]}): rerun to screen with the new model")
+        source = data
     if runtime == OPENVINO:
-        return OpenVinoBackend(model, threads, precision)
-    return OrtBackend(model, threads, device)
+        return OpenVinoBackend(source, threads, precision)
+    return OrtBackend(source, threads, device)
+
+
+class ModelChangedError(RuntimeError):
+    """The model file is no longer the one the run hashed."""
 
 
 # --------------------------------------------------------------------------- the choice

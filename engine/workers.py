@@ -132,7 +132,8 @@ class PredictorActor:
         if runtime == OPENVINO and not openvino_installed():  # a cluster node without it: same file, same maths
             self.note = f"OpenVINO is not installed on Ray node {self.node}: it runs ONNX Runtime"
             runtime = "onnxruntime"
-        self.predictor = Predictor(model_path, threads, device, runtime, precision)
+        # the bytes the run hashed, or none: a model re-exported to the same path mid-run is refused here
+        self.predictor = Predictor(model_path, threads, device, runtime, precision, expected_sha256=model_sha256)
         self.sha = model_sha256
         self.run_id = run_id
 

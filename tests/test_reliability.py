@@ -213,3 +213,23 @@ def test_losing_the_out_dir_secret_is_refused_not_a_second_row_for_every_file(tm
     (out / ".covidct-secret").write_bytes(secret)  # restored: resumes, nothing twice
     r = run_cli(*args)
     assert r.returncode == 0 and len(read_rows(out)) == 4
+
+
+def test_a_predictor_loads_the_bytes_the_run_hashed_or_refuses(tmp_path):
+    import hashlib
+
+    import pytest
+
+    from engine import runtimes
+    from engine.predictor import Predictor
+
+    model = _model(tmp_path)
+    sha = hashlib.sha256(model.read_bytes()).hexdigest()
+    x = np.full((2, *SIZE, 1), 128, np.uint8)
+    for rt in ["onnxruntime"] + (["openvino"] if runtimes.openvino_installed() else []):
+        p = Predictor(str(model), 1, "cpu", runtime=rt, expected_sha256=sha)
+        assert np.allclose(p.predict(x)[0], 128 / 255, atol=1e-5)
+    tiny_model(model, SIZE, contract=Contract(image_size=SIZE, class_names=("neg", "pos"), positive_class="pos",
+                                              threshold=0.3))  # re-exported to the same path mid-run
+    with pytest.raises(runtimes.ModelChangedError, match="changed since the run started"):
+        Predictor(str(model), 1, "cpu", expected_sha256=sha)
