@@ -10,6 +10,7 @@ Identifying header values never leave this module except as the list used to red
 from __future__ import annotations
 
 import io
+import math
 import re
 import warnings
 from dataclasses import dataclass, field
@@ -159,24 +160,40 @@ def check_pixel_budget(ds, frames: int, ts, max_pixels: int) -> None:
 
 
 def _int_or_none(value) -> int | None:
-    """An optional integer header value (InstanceNumber); a malformed one is simply absent."""
+    """An optional integer header value (InstanceNumber); a malformed or out-of-range one (the column is
+    int32) is simply absent."""
     try:
-        return int(value) if value not in (None, "") else None
-    except (TypeError, ValueError):
+        v = int(value) if value not in (None, "") else None
+    except (TypeError, ValueError, OverflowError):
         return None
+    return v if v is None or -2**31 <= v < 2**31 else None
+
+
+def _float_or_none(value) -> float | None:
+    """An optional real header value (a position in mm); malformed or not finite: absent."""
+    try:
+        v = float(value)
+    except (TypeError, ValueError, OverflowError):
+        return None
+    return v if math.isfinite(v) else None
 
 
 def _frame_position(ds, i: int) -> float | None:
-    seq = ds.get("PerFrameFunctionalGroupsSequence")
-    if seq and len(seq) > i and seq[i].get("PlanePositionSequence"):
-        pos = seq[i].PlanePositionSequence[0].get("ImagePositionPatient")
+    """z of the slice (mm), from the per-frame groups, ImagePositionPatient or SliceLocation; every one of
+    them optional: an unusable value is left empty, never the file's row."""
+    try:
+        seq = ds.get("PerFrameFunctionalGroupsSequence")
+        if seq and len(seq) > i and seq[i].get("PlanePositionSequence"):
+            pos = seq[i].PlanePositionSequence[0].get("ImagePositionPatient")
+            if pos is not None and len(pos) == 3:
+                return _float_or_none(pos[2])
+        pos = ds.get("ImagePositionPatient")
         if pos is not None and len(pos) == 3:
-            return float(pos[2])
-    pos = ds.get("ImagePositionPatient")
-    if pos is not None and len(pos) == 3:
-        return float(pos[2]) if i == 0 else None
-    loc = ds.get("SliceLocation")
-    return float(loc) if loc is not None else None
+            return _float_or_none(pos[2]) if i == 0 else None
+        loc = ds.get("SliceLocation")
+        return _float_or_none(loc) if loc is not None else None
+    except Exception:  # noqa: BLE001  a malformed optional element (wrong VR, bad sequence) is absent
+        return None
 
 
 def hounsfield(stored: np.ndarray, slope: float, intercept: float) -> np.ndarray:
@@ -313,7 +330,10 @@ def _decode_pixels(ds, data: bytes, window: dict, max_pixels: int, ident: list[s
     pad_value = ds.get("PixelPaddingValue")
     pad_limit = ds.get("PixelPaddingRangeLimit")
     study, series, sop = (str(ds.get(k, "")) for k in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"))
-    inst = ds.get("InstanceNumber")
+    try:
+        inst = ds.get("InstanceNumber")
+    except Exception:  # noqa: BLE001  an optional value pydicom cannot even parse: absent
+        inst = None
     no_burned_in = str(ds.get("BurnedInAnnotation", "")).strip().upper() == "NO"
     out = []
     for i in range(pixels.shape[0]):

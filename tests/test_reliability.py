@@ -233,3 +233,35 @@ def test_a_predictor_loads_the_bytes_the_run_hashed_or_refuses(tmp_path):
                                               threshold=0.3))  # re-exported to the same path mid-run
     with pytest.raises(runtimes.ModelChangedError, match="changed since the run started"):
         Predictor(str(model), 1, "cpu", expected_sha256=sha)
+
+
+def _set_raw(data: bytes, group: int, elem: int, value: bytes) -> bytes:
+    """Replace a top-level explicit-VR little-endian element's value with raw bytes (no validation)."""
+    import struct
+    tag = struct.pack("<HH", group, elem)
+    i = data.find(tag, 132)
+    assert i > 0 and data[i + 4:i + 6].isalpha(), "element not found"
+    n = struct.unpack("<H", data[i + 6:i + 8])[0]
+    value = value + (b" " if len(value) % 2 else b"")
+    return data[:i + 6] + struct.pack("<H", len(value)) + value + data[i + 8 + n:]
+
+
+def test_malformed_optional_dicom_values_are_left_empty_not_the_files_row(tmp_path):
+    from pydicom.data import get_testdata_file
+
+    data = tmp_path / "data"
+    data.mkdir()
+    src = Path(get_testdata_file("CT_small.dcm", download=False)).read_bytes()
+    (data / "huge-instance.dcm").write_bytes(_set_raw(src, 0x0020, 0x0013, b"99999999999"))
+    (data / "bad-z.dcm").write_bytes(_set_raw(src, 0x0020, 0x0032, b"1\\2\\abc"))
+    no_pos = _set_raw(src, 0x0020, 0x0032, b"1\\2")  # not three values: SliceLocation is read instead
+    (data / "bad-location.dcm").write_bytes(_set_raw(no_pos, 0x0020, 0x1041, b"nowhere"))
+    out = tmp_path / "out"
+    r = run_cli("covidct-batch", data, "--model", _model(tmp_path), "--out", out, "--no-progress", "--num-cpus", "1")
+    assert r.returncode == 0, r.stdout[-2000:]
+    rows = read_rows(out).set_index("path")
+    assert set(rows.status) == {"ok"}, rows[["status", "reason", "message"]]
+    assert rows.loc[str(data / "huge-instance.dcm"), "instance_number"] is None or \
+        np.isnan(rows.loc[str(data / "huge-instance.dcm"), "instance_number"])
+    for name in ("bad-z", "bad-location"):
+        assert np.isnan(rows.loc[str(data / f"{name}.dcm"), "slice_position"])
