@@ -169,12 +169,13 @@ def start_ray(cfg: ScreenConfig):
             ray.init(address="local", num_cpus=cfg.num_cpus or os.cpu_count(),
                      object_store_memory=cfg.object_store_mb << 20, **kwargs)
         else:
-            check_reachable(cfg.address)
-            if not cfg.allow_unauthenticated_cluster and not requires_token(cfg.address):
-                raise RunError(f"the Ray cluster at {cfg.address} answers without authentication (started with "
+            address = resolve_address(cfg.address)  # "auto" and RAY_ADDRESS get the same check as host:port
+            check_reachable(address)
+            if not cfg.allow_unauthenticated_cluster and not requires_token(address):
+                raise RunError(f"the Ray cluster at {address} answers without authentication (started with "
                                "RAY_AUTH_MODE=disabled?): anyone who reaches its ports can run code on it. Restart "
                                "it with token authentication, or pass --allow-unauthenticated-cluster to accept that")
-            ray.init(address=cfg.address, **kwargs)
+            ray.init(address=address, **kwargs)
     except Exception as e:  # ConnectionError, auth failures, bad address
         raise RunError(f"cannot start or join Ray ({cfg.address or 'local'}): {e}. A cluster made with "
                        "`ray start` needs RAY_AUTH_MODE=token and its token (RAY_AUTH_TOKEN or ~/.ray/auth_token)")
@@ -182,6 +183,22 @@ def start_ray(cfg: ScreenConfig):
         signal.signal(signal.SIGTERM, on_term)
     tighten_token_file()
     return True
+
+
+def resolve_address(address: str) -> str:
+    """The GCS host:port that ``--address`` names: "auto" is the cluster Ray itself would join (RAY_ADDRESS,
+    or the one this machine's ``ray start`` recorded), so that every way of naming a cluster is checked."""
+    if address != "auto":
+        return address
+    try:
+        from ray._private.services import canonicalize_bootstrap_address
+        found = canonicalize_bootstrap_address("auto")
+    except Exception as e:  # noqa: BLE001  Ray raises ConnectionError and others when none is found
+        raise RunError(f"--address auto: no running Ray cluster found on this machine ({str(e).splitlines()[0]})") \
+            from None
+    if not found:
+        raise RunError("--address auto: no running Ray cluster found on this machine")
+    return found
 
 
 def _is_gcs_address(address: str) -> bool:

@@ -393,6 +393,10 @@ def test_a_cluster_without_authentication_is_refused_unless_allowed(tmp_path, ar
                     "--no-progress", env=driver_env)
         assert r.returncode == 2 and "without authentication" in r.stderr, r.stderr[-2000:]
         assert not list((tmp_path / "o" / "predictions").glob("*.parquet")) if (tmp_path / "o").exists() else True
+        # named as "auto" (through RAY_ADDRESS, as Ray resolves it), the same cluster gets the same check
+        auto = run_cli("covidct-batch", root, "--model", model, "--out", tmp_path / "o", "--address", "auto",
+                       "--no-progress", env={**driver_env, "RAY_ADDRESS": address})
+        assert auto.returncode == 2 and "without authentication" in auto.stderr, auto.stderr[-2000:]
         ok = run_cli("covidct-batch", root, "--model", model, "--out", tmp_path / "o", "--address", address,
                      "--no-progress", "--allow-unauthenticated-cluster", env=driver_env)
         assert ok.returncode == 1, ok.stderr[-2000:]  # the archive's error rows
