@@ -166,6 +166,10 @@ def start_ray(cfg: ScreenConfig):
             # Ray's default store is 30% of RAM; its shared pages, once touched, stay in RSS, so a
             # long run would grow towards it. At most max_in_flight batches exist: cap it.
             # address="local": always a new runtime, never one named by a stale /tmp/ray/ray_current_cluster
+            global _REAPER
+            if _REAPER is None:  # before Ray starts: whatever ends this driver, its runtime goes with it
+                from . import reaper
+                _REAPER = reaper.start()
             ray.init(address="local", num_cpus=cfg.num_cpus or os.cpu_count(),
                      object_store_memory=cfg.object_store_mb << 20, **kwargs)
         else:
@@ -176,6 +180,12 @@ def start_ray(cfg: ScreenConfig):
                                "RAY_AUTH_MODE=disabled?): anyone who reaches its ports can run code on it. Restart "
                                "it with token authentication, or pass --allow-unauthenticated-cluster to accept that")
             ray.init(address=address, **kwargs)
+    except SystemExit as e:  # Ray's own SIGTERM handler, in place while it starts: end like Ctrl-C
+        if callable(on_term):
+            signal.signal(signal.SIGTERM, on_term)
+        if e.code in (signal.SIGTERM, 1):
+            raise KeyboardInterrupt from None
+        raise
     except Exception as e:  # ConnectionError, auth failures, bad address
         raise RunError(f"cannot start or join Ray ({cfg.address or 'local'}): {e}. A cluster made with "
                        "`ray start` needs RAY_AUTH_MODE=token and its token (RAY_AUTH_TOKEN or ~/.ray/auth_token)")
@@ -183,6 +193,10 @@ def start_ray(cfg: ScreenConfig):
         signal.signal(signal.SIGTERM, on_term)
     tighten_token_file()
     return True
+
+
+#: The watcher that ends this driver's local Ray runtime when the driver is gone (engine.reaper).
+_REAPER = None
 
 
 def resolve_address(address: str) -> str:
@@ -385,7 +399,27 @@ def _locked_run(cfg: ScreenConfig, out: Path, lock: OutDirLock, started: float, 
                     prep["choice"], t_ray)
     finally:
         if owns_ray:
-            ray.shutdown()
+            _shutdown_ray()
+
+
+def _shutdown_ray() -> None:
+    """``ray.shutdown()`` with SIGTERM held off: it resets the C-level handler, and a SIGTERM in that second
+    would kill the driver with 143, its lock file left and no summary. One that arrives is raised after as
+    Ctrl-C (exit 130; every part is already whole)."""
+    import ray
+
+    main = threading.current_thread() is threading.main_thread()
+    got: list[int] = []
+    previous = signal.signal(signal.SIGTERM, lambda s, f: got.append(s)) if main else None
+    try:
+        ray.shutdown()
+    finally:
+        if main:
+            signal.signal(signal.SIGTERM, previous if callable(previous) or previous in (signal.SIG_DFL,
+                                                                                          signal.SIG_IGN)
+                          else signal.SIG_DFL)
+    if got and callable(previous):
+        previous(signal.SIGTERM, None)
 
 
 def choose_inference(cfg: ScreenConfig, gpu: bool | None = None, contract: Contract | None = None):

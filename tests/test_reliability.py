@@ -6,6 +6,7 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+import pytest
 
 from engine.contract import Contract
 from tests.conftest import read_rows, run_cli, tiny_model
@@ -265,3 +266,54 @@ def test_malformed_optional_dicom_values_are_left_empty_not_the_files_row(tmp_pa
         np.isnan(rows.loc[str(data / "huge-instance.dcm"), "instance_number"])
     for name in ("bad-z", "bad-location"):
         assert np.isnan(rows.loc[str(data / f"{name}.dcm"), "slice_position"])
+
+
+def _current(out: Path):
+    rows = read_rows(out)
+    newest = rows.groupby("file_id").run_id.transform("max")
+    cur = rows[rows.run_id == newest]
+    return sorted(zip(cur.path, cur.status, cur.probability.round(6).fillna(-1)))
+
+
+@pytest.mark.slow
+def test_killed_at_any_moment_the_rerun_equals_a_clean_run_and_no_process_is_left(tmp_path):
+    import signal
+    import time
+
+    from benchmarks.compare import kill_session, session_pids
+    from tests.test_engine import _start, _wait_for
+
+    data = tmp_path / "data"
+    _pngs(data, 160)
+    model = _model(tmp_path)
+    clean = tmp_path / "clean"
+    assert run_cli("covidct-batch", data, "--model", model, "--out", clean, "--no-progress",
+                   "--num-cpus", "2").returncode == 0
+    expected = _current(clean)
+    parts = lambda out: len(list((out / "predictions").glob("part-*.parquet"))) if (out / "predictions").is_dir() else 0
+    moments = {  # when to stop the driver: during Ray's start-up, after the first part, mid-run, at the end
+        "startup": lambda out: time.sleep(2.0) or True,
+        "first part": lambda out: parts(out) >= 1,
+        "mid-run": lambda out: parts(out) >= 4,
+        "final write": lambda out: (out / "studies.parquet").exists() or (out / "report.html.tmp").exists()
+        or (out / "run.json").exists() and '"complete"' in (out / "run.json").read_text(),
+    }
+    for sig in (signal.SIGKILL, signal.SIGTERM):
+        for name, cond in moments.items():
+            out = tmp_path / f"o-{sig.name}-{name.replace(' ', '-')}"
+            proc = _start([data, "--model", model, "--out", out, "--batch-size", "4", "--max-in-flight", "1",
+                           "--rows-per-part", "8"])
+            try:
+                _wait_for(lambda: cond(out) or proc.poll() is not None, timeout=120)
+                proc.send_signal(sig)  # the driver alone, as a scheduler or the OOM killer stops it
+                proc.communicate(timeout=120)
+                if sig == signal.SIGTERM and proc.returncode not in (0, 1):
+                    assert proc.returncode == 130, (name, proc.returncode)
+                # no process of that run is left: its Ray runtime ended with it
+                assert _wait_for(lambda: not session_pids(proc.pid), timeout=30), (sig.name, name,
+                                                                                  session_pids(proc.pid))
+            finally:
+                kill_session(proc.pid)
+            r = run_cli("covidct-batch", data, "--model", model, "--out", out, "--no-progress", "--num-cpus", "2")
+            assert r.returncode == 0, (sig.name, name, r.stderr[-2000:])
+            assert _current(out) == expected, (sig.name, name)
