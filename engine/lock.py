@@ -26,6 +26,8 @@ log = logging.getLogger(__name__)
 LOCK = ".covidct-batch.lock"
 HEARTBEAT_S = 5.0
 STALE_AFTER_S = 60.0
+#: An empty or unreadable lock file older than this is a run killed while creating it: taken over.
+TORN_AFTER_S = 5.0
 
 
 class LockedError(RuntimeError):
@@ -35,6 +37,14 @@ class LockedError(RuntimeError):
 def _boot_id() -> str:
     try:
         return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return ""
+
+
+def _pid_ns() -> str:
+    """This process's pid namespace ("pid:[4026531836]"); '' where it cannot be read."""
+    try:
+        return os.readlink("/proc/self/ns/pid")
     except OSError:
         return ""
 
@@ -75,7 +85,7 @@ class OutDirLock:
         self._thread: threading.Thread | None = None
 
     def acquire(self) -> "OutDirLock":
-        me = {"host": socket.gethostname(), "boot_id": _boot_id(), "pid": os.getpid(),
+        me = {"host": socket.gethostname(), "boot_id": _boot_id(), "pid_ns": _pid_ns(), "pid": os.getpid(),
               "pid_start": _pid_start(os.getpid()), "token": self.token,
               "started": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
         for _ in range(5):
@@ -85,6 +95,9 @@ class OutDirLock:
                 holder = self._read()
                 if holder is None or not self._stale(holder):
                     h = holder or {}
+                    if set(h) == {"_age"}:
+                        raise LockedError(f"{self.path} is empty or unreadable and only {h['_age']:.0f} s old (a run "
+                                          f"starting this instant?); it is taken over after {TORN_AFTER_S:g} s")
                     raise LockedError(f"{self.path.parent} is in use by another covidct-batch run ("
                                       f"{holder_text(h)}); wait for it to end, or give another --out")
                 self._break(holder)
@@ -100,7 +113,7 @@ class OutDirLock:
 
     def _read(self) -> dict | None:
         try:
-            text = self.path.read_text()
+            text = self.path.read_bytes().decode("utf-8", "replace")
             age = time.time() - self.path.stat().st_mtime
         except FileNotFoundError:
             return {"_gone": True}
@@ -110,15 +123,24 @@ class OutDirLock:
             h = json.loads(text)
         except ValueError:  # being written this instant, or a torn write by a killed run
             h = {}
+        if not isinstance(h, dict):  # valid JSON, but not a lock: damage
+            h = {}
         h["_age"] = age
         return h
 
     def _stale(self, h: dict) -> bool:
         if h.get("_gone"):
             return True
-        if h.get("host") == socket.gethostname() and h.get("boot_id", "") == _boot_id() and "pid" in h:
-            return not _alive(int(h["pid"]), str(h.get("pid_start", "")))
-        return h["_age"] > self.stale_after  # another machine (or a torn file): judged by its heartbeat
+        if set(h) == {"_age"}:  # empty or garbage: a run killed between creating and writing it, or damage
+            return h["_age"] > TORN_AFTER_S
+        same_machine = h.get("host") == socket.gethostname() and h.get("boot_id", "") == _boot_id()
+        # a pid means something only in the holder's own pid namespace (containers sharing host and boot id)
+        if same_machine and "pid" in h and h.get("pid_ns", _pid_ns()) == _pid_ns():
+            try:
+                return not _alive(int(h["pid"]), str(h.get("pid_start", "")))
+            except (TypeError, ValueError):
+                return h["_age"] > self.stale_after
+        return h["_age"] > self.stale_after  # another machine or namespace: judged by its heartbeat
 
     def _break(self, holder: dict) -> None:
         """Move a stale lock aside; of two runs that try at once, one rename succeeds."""
@@ -130,9 +152,10 @@ class OutDirLock:
         except FileNotFoundError:
             return
         try:
-            moved = json.loads(aside.read_text())
+            moved = json.loads(aside.read_bytes().decode("utf-8", "replace"))
         except (OSError, ValueError):
             moved = {}
+        moved = moved if isinstance(moved, dict) else {}
         if moved.get("token") != holder.get("token"):  # not the one judged stale: put it back
             with contextlib.suppress(OSError):
                 os.link(aside, self.path)
@@ -144,8 +167,8 @@ class OutDirLock:
 
     def _mine(self) -> bool:
         try:
-            return json.loads(self.path.read_text()).get("token") == self.token
-        except (OSError, ValueError):
+            return json.loads(self.path.read_bytes().decode("utf-8", "replace")).get("token") == self.token
+        except (OSError, ValueError, AttributeError):
             return False
 
     def _beat(self) -> None:

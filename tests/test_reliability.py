@@ -317,3 +317,38 @@ def test_killed_at_any_moment_the_rerun_equals_a_clean_run_and_no_process_is_lef
             r = run_cli("covidct-batch", data, "--model", model, "--out", out, "--no-progress", "--num-cpus", "2")
             assert r.returncode == 0, (sig.name, name, r.stderr[-2000:])
             assert _current(out) == expected, (sig.name, name)
+
+
+def test_a_lock_from_another_pid_namespace_is_judged_by_its_heartbeat_and_a_torn_one_is_taken_over(tmp_path):
+    import json
+    import os
+    import socket
+    import time
+
+    import pytest
+
+    from engine.lock import LOCK, TORN_AFTER_S, OutDirLock
+
+    out = tmp_path / "o"
+    out.mkdir()
+    boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    # another container of this machine: same host name and boot id, a pid that means nothing here
+    (out / LOCK).write_text(json.dumps({"host": socket.gethostname(), "boot_id": boot, "pid_ns": "pid:[1]",
+                                        "pid": 999999, "token": "container"}))
+    with pytest.raises(Exception, match="pid 999999"):
+        OutDirLock(out).acquire()  # its heartbeat is fresh: live, whatever our pid table says
+    old = time.time() - 120
+    os.utime(out / LOCK, (old, old))
+    lock = OutDirLock(out, stale_after=60).acquire()  # its heartbeat stopped: stale
+    assert lock.took_over["pid"] == 999999
+    lock.release()
+    # a fresh empty lock (a run creating it this instant) waits a few seconds, not a minute; then taken over
+    (out / LOCK).write_text("")
+    with pytest.raises(Exception, match="empty or unreadable"):
+        OutDirLock(out).acquire()
+    old = time.time() - TORN_AFTER_S - 1
+    os.utime(out / LOCK, (old, old))
+    OutDirLock(out).acquire().release()
+    (out / LOCK).write_bytes(b"\x00\xffgarbage")
+    os.utime(out / LOCK, (old, old))
+    OutDirLock(out).acquire().release()
