@@ -183,3 +183,35 @@ def test_init_refuses_a_missing_or_incompatible_run_and_a_small_set(trained_run,
 
     r = run_cli("covidct-train", local, small, "--init", trained_run["run"], "--out", tmp_path / "o5")
     assert r.returncode == 2 and "exactly one LOCAL_DIR" in r.stderr
+
+
+def test_site_batch_norm_trains_per_site_and_merges_into_the_plain_model():
+    import keras
+
+    from train.model import build_compact, merge_site_norms
+
+    size = (32, 32)
+    model = build_compact(size, seed=0, sites=2)
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (16, *size, 1)).astype(np.float32)
+    site = np.eye(2, dtype=np.float32)[np.r_[np.zeros(8, int), np.ones(8, int)]]
+    x[8:] = np.clip(x[8:] * 0.5 + 100, 0, 255)  # the second site exports another window
+    model.compile(optimizer="adam", loss="binary_crossentropy")
+    model.fit({"image": x, "site": site}, np.r_[np.zeros(8), np.ones(8)], epochs=1, verbose=0)
+    bn = [l for l in model.layers if type(l).__name__ == "SiteBatchNorm"]
+    assert bn and all(np.asarray(l.moving_mean).shape[0] == 2 for l in bn)
+    first = np.asarray(bn[0].moving_mean)
+    assert not np.allclose(first[0], first[1])  # each site's own statistics
+    plain = merge_site_norms(model, size)
+    assert [i.name for i in plain.inputs] == ["image"]
+    merged = [l for l in plain.layers if isinstance(l, keras.layers.BatchNormalization)][0]
+    mm, mv = np.asarray(bn[0].moving_mean), np.asarray(bn[0].moving_variance)
+    assert np.allclose(merged.moving_mean, mm.mean(0)) and np.allclose(merged.moving_variance, mv.mean(0) + mm.var(0))
+    # with both sites' norms made equal, the plain model is the site model exactly
+    for layer in bn:
+        w = layer.get_weights()
+        layer.set_weights([np.repeat(v[:1], 2, axis=0) for v in w])
+    same = merge_site_norms(model, size)
+    a = model.predict({"image": x, "site": site}, verbose=0)
+    b = same.predict(x, verbose=0)
+    assert np.allclose(a, b, atol=1e-5)

@@ -19,6 +19,8 @@ from engine.logs import setup_logging
               help="A site with its name (repeatable); SITE_DIRS are named by their folder's name.")
 @click.option("--leave-one-site-out", is_flag=True,
               help="Also train one model without each site and score it on the site left out (2+ sites).")
+@click.option("--site-norm", is_flag=True,
+              help="Compact, 2+ sites: one BatchNorm per site in training; the exported model mixes them.")
 @click.option("--init", "init", default=None, type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="Adapt this covidct-train run's model to the one local folder given (20-200 labelled slices).")
 @click.option("--adapt", "adapt_method", type=click.Choice(["all", "bn", "head"]), default="all", show_default=True,
@@ -42,7 +44,7 @@ from engine.logs import setup_logging
 @click.option("--target-sensitivity", type=click.FloatRange(0, 1, min_open=True), default=None,
               help="Validation sensitivity the operating threshold must reach (default 0.95; --init: the model's).")
 @click.option("-v", "--verbose", is_flag=True)
-def main(site_dirs, out, named_sites, leave_one_site_out, init, adapt_method, positive, groups, arch, preprocessing,
+def main(site_dirs, out, named_sites, leave_one_site_out, site_norm, init, adapt_method, positive, groups, arch, preprocessing,
          epochs, image_size, learning_rate, site_augmentation, batch_size, seed, target_sensitivity, verbose):
     """Train the COVID-19 CT slice classifier on one or more sites (SITE_DIRS, each one sub-folder per class),
     or, with --init, adapt a trained model to one local site."""
@@ -57,7 +59,7 @@ def main(site_dirs, out, named_sites, leave_one_site_out, init, adapt_method, po
                                    leave_one_site_out)
         else:
             metrics, text = _train(site_dirs, named_sites, out, leave_one_site_out, positive, groups, arch,
-                                   preprocessing, image_size, opts)
+                                   preprocessing, image_size, {**opts, "site_norm": site_norm or None})
     except (DataError, ValueError) as e:
         click.echo(f"covidct-train: error: {e}", err=True)
         sys.exit(2)

@@ -61,6 +61,7 @@ class TrainConfig:
     window: dict = field(default_factory=lambda: dict(LUNG_WINDOW))
     sites: tuple[Site, ...] = ()              # every site (train.sites); from data_dir when empty
     leave_one_site_out: bool = False          # also train one model without each site, scored on it
+    site_norm: bool = False                   # compact, 2+ sites: one BatchNorm per site in training
 
     def __post_init__(self):
         if self.out is None:
@@ -107,8 +108,9 @@ class SiteSequence:
 
         class _Seq(keras.utils.PyDataset):
             def __init__(self, greys, labels, weights, cfg: TrainConfig, spec: dict, augment_site: bool,
-                         site=None):
+                         site=None, n_sites: int = 0):
                 super().__init__()
+                self.n_sites = n_sites  # > 1: the batches carry the one-hot site (site-specific BatchNorm)
                 self.greys, self.labels, self.weights = greys, labels.astype(np.float32), weights
                 self.cfg, self.spec, self.augment_site = cfg, spec, augment_site
                 self.site = np.zeros(len(labels), np.int64) if site is None else np.asarray(site)
@@ -134,6 +136,8 @@ class SiteSequence:
                     x = resize(g, self.cfg.image_size, self.cfg.interpolation, self.spec)
                     batch.append(jitter(x, self.rng))
                 x = np.stack(batch)[..., None].astype(np.float32)
+                if self.n_sites > 1:
+                    x = {"image": x, "site": np.eye(self.n_sites, dtype=np.float32)[self.site[idx]]}
                 return x, self.labels[idx], self.weights[idx]
 
         return _Seq(*args, **kwargs)
@@ -149,9 +153,10 @@ def _fit_compact(model, cfg: TrainConfig, ds, tr, va) -> dict:
 
     from engine.metrics import roc_auc
 
+    n_sites = len(cfg.sites) if _site_norm(cfg) else 0
     seq = SiteSequence([ds.grey[i] for i in np.nonzero(tr)[0]], ds.labels[tr],
                        sites_mod.sample_weights(ds.site[tr], ds.labels[tr]), cfg, cfg.preprocessing_spec,
-                       cfg.site_augmentation, ds.site[tr])
+                       cfg.site_augmentation, ds.site[tr], n_sites)
     steps = len(seq) * cfg.epochs
     schedule = keras.optimizers.schedules.CosineDecay(0.0, steps, alpha=0.01, warmup_target=cfg.learning_rate,
                                                       warmup_steps=max(1, steps // 20))
@@ -159,6 +164,8 @@ def _fit_compact(model, cfg: TrainConfig, ds, tr, va) -> dict:
                   loss="binary_crossentropy", metrics=["accuracy"])
     history: dict[str, list[float]] = {"loss": [], "accuracy": [], "val_auc": [], "val_loss": []}
     xv, yv, sv = ds.images[va], ds.labels[va], ds.site[va]
+    if n_sites:  # validated with each site's own BatchNorm (the exported model mixes them)
+        xv = {"image": xv.astype(np.float32), "site": np.eye(n_sites, dtype=np.float32)[sv]}
     names = [s.name for s in cfg.sites] if len(cfg.sites) > 1 else []
     for epoch in range(cfg.epochs):
         h = model.fit(seq, epochs=1, verbose=0)
@@ -173,6 +180,10 @@ def _fit_compact(model, cfg: TrainConfig, ds, tr, va) -> dict:
                  history["val_auc"][-1],
                  "".join(f", {n} {history[f'val_auc/{n}'][-1]:.3f}" for n in names))
     return history
+
+
+def _site_norm(cfg: TrainConfig) -> bool:
+    return cfg.site_norm and cfg.arch == "compact" and len(cfg.sites) > 1
 
 
 def _fit_seed(model, cfg: TrainConfig, ds, tr, va) -> dict:
@@ -224,9 +235,14 @@ def train(cfg: TrainConfig) -> dict:
                 raise data_mod.DataError(f"the {name} split{where} lacks one class: "
                                          "each class needs at least ~10 images")
 
-    from .model import build_model
-    model = build_model(cfg.image_size, cfg.seed, cfg.arch)
-    history = (_fit_compact if cfg.arch == "compact" else _fit_seed)(model, cfg, ds, tr, va)
+    from .model import build_compact, build_model, merge_site_norms
+    if _site_norm(cfg):
+        model = build_compact(cfg.image_size, cfg.seed, sites=len(cfg.sites))
+        history = _fit_compact(model, cfg, ds, tr, va)
+        model = merge_site_norms(model, cfg.image_size, cfg.seed)  # what is exported: no site input
+    else:
+        model = build_model(cfg.image_size, cfg.seed, cfg.arch)
+        history = (_fit_compact if cfg.arch == "compact" else _fit_seed)(model, cfg, ds, tr, va)
     model.save(out / MODEL_FILE)
 
     p_val = model.predict(ds.images[va], batch_size=cfg.batch_size, verbose=0)[:, 0]

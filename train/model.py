@@ -20,43 +20,118 @@ COMPACT_WIDTHS = (16, 32, 64, 128, 256)
 BN_MOMENTUM = 0.9
 
 
-def _conv_bn_relu(x, channels, kernel=3, strides=1):
+def _bn(x, site):
+    """BatchNorm shared by every site, or one per site (``site``: the one-hot site input)."""
+    from keras import layers
+    if site is None:
+        return layers.BatchNormalization(momentum=BN_MOMENTUM)(x)
+    return site_batch_norm(site.shape[-1])([x, site])
+
+
+def _conv_bn_relu(x, channels, kernel=3, strides=1, site=None):
     from keras import layers
     x = layers.Conv2D(channels, kernel, strides=strides, padding="same", use_bias=False)(x)
-    x = layers.BatchNormalization(momentum=BN_MOMENTUM)(x)
+    x = _bn(x, site)
     return layers.ReLU()(x)
 
 
-def _residual(x, channels, strides):
+def _residual(x, channels, strides, site=None):
     from keras import layers
-    y = _conv_bn_relu(x, channels, 3, strides)
+    y = _conv_bn_relu(x, channels, 3, strides, site)
     y = layers.Conv2D(channels, 3, padding="same", use_bias=False)(y)
-    y = layers.BatchNormalization(momentum=BN_MOMENTUM)(y)
+    y = _bn(y, site)
     if strides != 1 or x.shape[-1] != channels:
         x = layers.Conv2D(channels, 1, strides=strides, use_bias=False)(x)
-        x = layers.BatchNormalization(momentum=BN_MOMENTUM)(x)
+        x = _bn(x, site)
     return layers.ReLU()(layers.Add()([x, y]))
 
 
-def build_compact(image_size: tuple[int, int], seed: int = 0, dropout: float = 0.3):
+def build_compact(image_size: tuple[int, int], seed: int = 0, dropout: float = 0.3, sites: int = 0):
     """Stem conv, four residual stages, global average pooling, dropout, sigmoid.
 
     Global pooling makes the decision from what the features find wherever it is, not from where
     it sits in the frame (a Dense layer over a flattened map learns positions: a site's framing).
+    With ``sites`` > 1 the model also takes a one-hot ``site`` input and every BatchNorm keeps one set
+    of statistics and affine parameters per site (training only: ``merge_site_norms`` turns it into
+    the plain model that is exported).
     """
     import keras
     from keras import layers
 
     keras.utils.set_random_seed(seed)
     inputs = keras.Input((*image_size, 1), name="image")
+    site = keras.Input((sites,), name="site") if sites > 1 else None
     x = layers.Rescaling(1.0 / 255.0)(inputs)
-    x = _conv_bn_relu(x, COMPACT_WIDTHS[0], 3, 2)
+    x = _conv_bn_relu(x, COMPACT_WIDTHS[0], 3, 2, site)
     for channels in COMPACT_WIDTHS[1:]:
-        x = _residual(x, channels, 2)
+        x = _residual(x, channels, 2, site)
     x = layers.GlobalAveragePooling2D()(x)
     x = layers.Dropout(dropout, seed=seed)(x)
     outputs = layers.Dense(1, activation="sigmoid", name="probability")(x)
-    return keras.Model(inputs, outputs, name="covidct_compact")
+    return keras.Model([inputs, site] if site is not None else inputs, outputs, name="covidct_compact")
+
+
+def site_batch_norm(n_sites: int, momentum: float = BN_MOMENTUM, epsilon: float = 1e-3):
+    """A BatchNorm layer with one set of moving statistics and affine parameters per site (Chang et al. 2019,
+    domain-specific BatchNorm; Wang, Liu & Dou 2020 on these two public sets): in training each site's
+    slices are normalised with their own batch statistics, so the shared convolutions see every site alike."""
+    import keras
+    from keras import ops
+
+    class SiteBatchNorm(keras.layers.Layer):
+        def build(self, input_shape):
+            c = input_shape[0][-1]
+            self.gamma = self.add_weight(shape=(n_sites, c), initializer="ones", name="gamma")
+            self.beta = self.add_weight(shape=(n_sites, c), initializer="zeros", name="beta")
+            self.moving_mean = self.add_weight(shape=(n_sites, c), initializer="zeros", trainable=False,
+                                               name="moving_mean")
+            self.moving_variance = self.add_weight(shape=(n_sites, c), initializer="ones", trainable=False,
+                                                   name="moving_variance")
+
+        def call(self, inputs, training=None):
+            x, oh = inputs
+            oh = ops.cast(oh, x.dtype)
+            if training:
+                cnt = ops.sum(oh, axis=0)
+                safe = ops.maximum(cnt, 1.0)[:, None]
+                mean = ops.matmul(ops.transpose(oh), ops.mean(x, axis=(1, 2))) / safe
+                sq = ops.matmul(ops.transpose(oh), ops.mean(ops.square(x), axis=(1, 2))) / safe
+                var = ops.maximum(sq - ops.square(mean), 0.0)
+                seen = ops.cast(cnt > 0, x.dtype)[:, None] * (1.0 - momentum)
+                self.moving_mean.assign(self.moving_mean * (1.0 - seen) + ops.stop_gradient(mean) * seen)
+                self.moving_variance.assign(self.moving_variance * (1.0 - seen) + ops.stop_gradient(var) * seen)
+            else:
+                mean, var = self.moving_mean, self.moving_variance
+            m = ops.matmul(oh, mean)[:, None, None, :]
+            v = ops.matmul(oh, var)[:, None, None, :]
+            g = ops.matmul(oh, self.gamma)[:, None, None, :]
+            b = ops.matmul(oh, self.beta)[:, None, None, :]
+            return (x - m) * ops.rsqrt(v + epsilon) * g + b
+
+        def compute_output_shape(self, input_shape):
+            return input_shape[0]
+
+    return SiteBatchNorm()
+
+
+def merge_site_norms(site_model, image_size: tuple[int, int], seed: int = 0):
+    """The plain model (no site input) with the site model's weights: convolutions and head as trained, and
+    each BatchNorm the equal-weight mixture of the sites' (mean of means; mean of variances plus the
+    variance of the means; mean affine parameters). What a site never seen gets."""
+    import numpy as np
+
+    plain = build_compact(image_size, seed)
+    src = [l for l in site_model.layers if l.weights]
+    dst = [l for l in plain.layers if l.weights]
+    if len(src) != len(dst):
+        raise ValueError(f"site model has {len(src)} weighted layers, the plain one {len(dst)}")
+    for a, b in zip(src, dst):
+        if type(b).__name__ == "BatchNormalization":
+            gamma, beta, mm, mv = (np.asarray(w) for w in (a.gamma, a.beta, a.moving_mean, a.moving_variance))
+            b.set_weights([gamma.mean(0), beta.mean(0), mm.mean(0), mv.mean(0) + mm.var(0)])
+        else:
+            b.set_weights(a.get_weights())
+    return plain
 
 
 def build_seed(image_size: tuple[int, int], seed: int = 0):
