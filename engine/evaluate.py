@@ -136,8 +136,10 @@ def evaluate(cfg: EvaluateConfig) -> dict:
                               device=cfg.device, progress=cfg.progress))
     import pyarrow.dataset as pads
 
-    table = pads.dataset(screen / "predictions", format="parquet").to_table(
-        columns=["path", "status", "reason", "message", "probability", "framing"])
+    from .studies import utf8_path
+    with utf8_path(screen / "predictions") as preds:  # pyarrow takes UTF-8 paths only
+        table = pads.dataset(preds, format="parquet").to_table(
+            columns=["path", "status", "reason", "message", "probability", "framing"])
     rows = table.to_pylist()
     labels, probs, unreadable, skipped, unframed = [], [], [], [], 0
     for r in rows:

@@ -18,6 +18,7 @@ import os
 import platform
 import shutil
 import signal
+import sys
 import threading
 import time
 import uuid
@@ -162,37 +163,84 @@ def start_ray(cfg: ScreenConfig):
     kwargs = dict(include_dashboard=False, log_to_driver=cfg.worker_logs, configure_logging=False)
     on_term = signal.getsignal(signal.SIGTERM) if threading.current_thread() is threading.main_thread() else None
     try:
-        if cfg.address is None:
-            # Ray's default store is 30% of RAM; its shared pages, once touched, stay in RSS, so a
-            # long run would grow towards it. At most max_in_flight batches exist: cap it.
-            # address="local": always a new runtime, never one named by a stale /tmp/ray/ray_current_cluster
-            global _REAPER
-            if _REAPER is None:  # before Ray starts: whatever ends this driver, its runtime goes with it
-                from . import reaper
-                _REAPER = reaper.start()
-            ray.init(address="local", num_cpus=cfg.num_cpus or os.cpu_count(),
-                     object_store_memory=cfg.object_store_mb << 20, **kwargs)
-        else:
-            address = resolve_address(cfg.address)  # "auto" and RAY_ADDRESS get the same check as host:port
-            check_reachable(address)
-            if not cfg.allow_unauthenticated_cluster and not requires_token(address):
-                raise RunError(f"the Ray cluster at {address} answers without authentication (started with "
-                               "RAY_AUTH_MODE=disabled?): anyone who reaches its ports can run code on it. Restart "
-                               "it with token authentication, or pass --allow-unauthenticated-cluster to accept that")
-            ray.init(address=address, **kwargs)
+        with _utf8_process_names():
+            _init_ray(cfg, kwargs)
     except SystemExit as e:  # Ray's own SIGTERM handler, in place while it starts: end like Ctrl-C
         if callable(on_term):
             signal.signal(signal.SIGTERM, on_term)
         if e.code in (signal.SIGTERM, 1):
             raise KeyboardInterrupt from None
         raise
+    except RunError:
+        raise
     except Exception as e:  # ConnectionError, auth failures, bad address
+        log.debug("Ray start-up failed", exc_info=True)
         raise RunError(f"cannot start or join Ray ({cfg.address or 'local'}): {e}. A cluster made with "
                        "`ray start` needs RAY_AUTH_MODE=token and its token (RAY_AUTH_TOKEN or ~/.ray/auth_token)")
     if callable(on_term):  # Ray's core worker replaces it with one that exits at once: keep the caller's
         signal.signal(signal.SIGTERM, on_term)
     tighten_token_file()
     return True
+
+
+@contextlib.contextmanager
+def _utf8_process_names():
+    """Ray records the driver's argv and working folder as UTF-8 text: a name that is not UTF-8 (an INPUT,
+    --out, the current folder) would stop it from starting. While it starts, argv shows such bytes as
+    escapes and the working folder is /; the run's own paths are absolute already."""
+    argv, orig, cwd = sys.argv, getattr(sys, "orig_argv", None), None
+    try:
+        os.getcwd().encode("utf-8")
+    except UnicodeEncodeError:
+        cwd = os.getcwd()
+    except OSError:  # the current folder was removed
+        cwd = None
+    def shown(args):
+        return [a.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace") for a in args]
+
+    sys.argv = shown(argv)
+    if orig is not None:
+        sys.orig_argv = shown(orig)
+    import ray._private.utils as ray_utils  # it names the job by /proc/self/cmdline, as text
+    entrypoint = getattr(ray_utils, "get_entrypoint_name", None)
+    if entrypoint is not None:
+        ray_utils.get_entrypoint_name = lambda: " ".join(shown(orig or argv))
+    if cwd is not None:
+        os.chdir("/")
+    try:
+        yield
+    finally:
+        sys.argv = argv
+        if orig is not None:
+            sys.orig_argv = orig
+        if entrypoint is not None:
+            ray_utils.get_entrypoint_name = entrypoint
+        if cwd is not None:
+            os.chdir(cwd)
+
+
+def _init_ray(cfg: ScreenConfig, kwargs: dict) -> None:
+    """A local runtime (with its reaper), or the cluster ``--address`` names, after its checks."""
+    import ray
+
+    if cfg.address is None:
+        # Ray's default store is 30% of RAM; its shared pages, once touched, stay in RSS, so a
+        # long run would grow towards it. At most max_in_flight batches exist: cap it.
+        # address="local": always a new runtime, never one named by a stale /tmp/ray/ray_current_cluster
+        global _REAPER
+        if _REAPER is None:  # before Ray starts: whatever ends this driver, its runtime goes with it
+            from . import reaper
+            _REAPER = reaper.start()
+        ray.init(address="local", num_cpus=cfg.num_cpus or os.cpu_count(),
+                 object_store_memory=cfg.object_store_mb << 20, **kwargs)
+    else:
+        address = resolve_address(cfg.address)  # "auto" and RAY_ADDRESS get the same check as host:port
+        check_reachable(address)
+        if not cfg.allow_unauthenticated_cluster and not requires_token(address):
+            raise RunError(f"the Ray cluster at {address} answers without authentication (started with "
+                           "RAY_AUTH_MODE=disabled?): anyone who reaches its ports can run code on it. Restart "
+                           "it with token authentication, or pass --allow-unauthenticated-cluster to accept that")
+        ray.init(address=address, **kwargs)
 
 
 #: The watcher that ends this driver's local Ray runtime when the driver is gone (engine.reaper).

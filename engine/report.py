@@ -135,7 +135,7 @@ threshold {thr:.4f}, provider {_esc(', '.join(run['execution_providers']))}.</p>
     parts.append("<h2>Slice probabilities</h2>" + histogram_svg(rows.probability_histogram(), thr))
 
     parts.append("<h2>Flagged studies</h2>")
-    st = top_studies(out / STUDIES, MAX_FLAGGED, flagged_only=True)
+    st = top_studies(rows.out / STUDIES, MAX_FLAGGED, flagged_only=True)
     if st is not None and st["studies"]:
         flagged = st["shown"]
         parts.append(f"<p>{st['flagged']} of {st['studies']} studies flagged (mean of the top {st['top_k']} "

@@ -149,7 +149,8 @@ def _part_fingerprints(parts: list[Path], sample: int = 3) -> set[str]:
     marks = set()
     for p in parts[:sample] + parts[-sample:]:
         try:
-            meta = pq.read_schema(p).metadata or {}
+            with open(p, "rb") as f:  # a file object: pyarrow takes only UTF-8 paths
+                meta = pq.read_schema(f).metadata or {}
         except (OSError, pa.ArrowException):
             continue
         if meta.get(FINGERPRINT_KEY):
@@ -194,7 +195,8 @@ class DoneIndex:
 
         chunks = []
         for part in sorted(Path(pred_dir).glob("part-*.parquet")):
-            t = pq.read_table(part, columns=["key", "model_sha256", "reason"])
+            with open(part, "rb") as f:  # a file object: OUT_DIR's name need not be UTF-8
+                t = pq.read_table(f, columns=["key", "model_sha256", "reason"])
             keep = pc.and_(pc.equal(t["model_sha256"], model_sha256),
                            pc.invert(pc.fill_null(pc.is_in(t["reason"], pa.array(sorted(RETRY_CODES))), False)))
             chunks.append(np.unique(t["key"].filter(keep).to_numpy()))

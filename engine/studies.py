@@ -12,9 +12,11 @@ grow with the number of rows, and a hospital's year of slices fits as well as a 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -69,6 +71,14 @@ class Rows:
         import duckdb
 
         self.out = Path(out)
+        self._link = None
+        try:
+            str(self.out.resolve()).encode("utf-8")
+        except UnicodeEncodeError:  # DuckDB takes paths as UTF-8: reach OUT_DIR through a link that is
+            self._link = tempfile.mkdtemp(prefix="covidct-out-")
+            link = os.path.join(self._link, "out")
+            os.symlink(os.fsencode(self.out.resolve()), link)
+            self.out = Path(link)
         self.sha = model_sha256
         self.group_by = group_by
         self.tmp = self.out / TMP
@@ -111,6 +121,8 @@ class Rows:
     def close(self) -> None:
         self.con.close()
         shutil.rmtree(self.tmp, ignore_errors=True)
+        if self._link is not None:
+            shutil.rmtree(self._link, ignore_errors=True)  # the link only, never what it points at
 
     # ---------------------------------------------------------------- summaries for the report
     def status_counts(self) -> dict[str, int]:
@@ -251,7 +263,30 @@ def top_studies(path: Path, limit: int, flagged_only: bool = False) -> dict | No
         return None
     import duckdb
 
-    con = duckdb.connect(config={"memory_limit": "128MB", "threads": 1})
+    with utf8_path(path) as path:
+        con = duckdb.connect(config={"memory_limit": "128MB", "threads": 1})
+        return _top_studies(con, path, limit, flagged_only)
+
+
+@contextlib.contextmanager
+def utf8_path(path: Path):
+    """``path``, or where it is not UTF-8 (DuckDB takes only UTF-8 paths) a link to it in a temporary folder."""
+    try:
+        str(path).encode("utf-8")
+        yield path
+        return
+    except UnicodeEncodeError:
+        pass
+    tmp = tempfile.mkdtemp(prefix="covidct-link-")
+    try:
+        link = os.path.join(tmp, "f" + Path(path).suffix.encode("ascii", "ignore").decode())
+        os.symlink(os.fsencode(Path(path).resolve()), link)
+        yield Path(link)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _top_studies(con, path: Path, limit: int, flagged_only: bool) -> dict:
     try:
         n, flagged, top_k = con.execute(
             "SELECT count(*), count(*) FILTER (decision), any_value(top_k) FROM read_parquet(?) WHERE level = 'study'",

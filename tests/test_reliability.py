@@ -352,3 +352,33 @@ def test_a_lock_from_another_pid_namespace_is_judged_by_its_heartbeat_and_a_torn
     (out / LOCK).write_bytes(b"\x00\xffgarbage")
     os.utime(out / LOCK, (old, old))
     OutDirLock(out).acquire().release()
+
+
+def test_names_that_are_not_utf8_work_on_the_command_line_and_as_the_current_folder(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    base = os.fsencode(tmp_path)
+    data = base + b"/caf\xe9"
+    os.makedirs(data)
+    for i, p in enumerate(_pngs(tmp_path / "src", 3)):
+        os.rename(os.fsencode(p), data + b"/s\xff%d.png" % i)
+    model = _model(tmp_path)
+    out = base + b"/out-\xe9"
+    exe = os.fsencode(Path(sys.executable).parent / "covidct-batch")
+    r = subprocess.run([exe, b".", b"--model", os.fsencode(model), b"--out", out, b"--no-progress", b"--num-cpus",
+                        b"1"], cwd=data, capture_output=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    from engine.studies import utf8_path
+    with utf8_path(Path(os.fsdecode(out))) as readable:  # pyarrow, like DuckDB, takes UTF-8 paths only
+        rows = read_rows(readable)
+    assert len(rows) == 3 and set(rows.status) == {"ok"}
+    assert all(b is not None and b.startswith(data) for b in rows.path_bytes)
+    again = subprocess.run(r.args, cwd=data, capture_output=True, timeout=300)  # resume: nothing twice
+    assert again.returncode == 0 and b"already done" in again.stdout, again.stderr[-2000:]
+    report = subprocess.run([os.fsencode(Path(sys.executable).parent / "covidct-report"), out], capture_output=True,
+                            timeout=300)
+    assert report.returncode == 0, report.stderr[-2000:]
+    with utf8_path(Path(os.fsdecode(out))) as readable:
+        assert len(read_rows(readable)) == 3
