@@ -114,6 +114,9 @@ class ScreenConfig:
                 raise RunError(f"{named} is inside OUT_DIR: give another --out")
         if self.thumbnails not in ("auto", "on", "off"):
             raise RunError(f"--thumbnails must be auto, on or off; got {self.thumbnails!r}")
+        if self.pseudonym_key and self.thumbnails == "on":
+            raise RunError("--thumbnails on cannot go with --pseudonymize: a slice's burned-in text (a name, a "
+                           "date) can survive the lung crop, so pseudonymized runs embed no raster thumbnails")
         if self.predictors is not None and self.predictors < 1:
             raise RunError(f"--predictors must be >= 1; got {self.predictors}")
 

@@ -72,8 +72,9 @@ def decode_batch(items: list[tuple[str, int, int, int, int]], spec: dict) -> dic
     cv2.setNumThreads(1)  # one Ray CPU per task: OpenCV must not start a pool of its own
     h, w = spec["image_size"]
     images, meta = [], []
-    thumbs = spec.get("thumbnails", "auto")
     pkey = spec.get("pseudonym_key")
+    # under --pseudonymize no raster thumbnail at all: burned-in text can survive the lung crop
+    thumbs = "off" if pkey else spec.get("thumbnails", "auto")
     for path, size, mtime_ns, key, file_id in items:
         base = {"path": shown_path(path, pkey), "file_size": size, "mtime_ns": mtime_ns, "key": key,
                 "file_id": file_id}

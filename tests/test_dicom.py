@@ -450,6 +450,8 @@ def test_no_planted_identifier_leaks_by_any_route(tmp_path):
     assert len(rows) == 7 and (rows.status == "ok").sum() == 4
     # burned-in text: no thumbnail for DICOM whose BurnedInAnnotation is YES
     assert rows[rows.path.str.endswith(".dcm") & (rows.status == "ok")].thumbnail.isna().all()
+    # and under --pseudonymize none at all: the PNG's burned-in name survives the lung crop
+    assert rows.thumbnail.isna().all() and "data:image/jpeg" not in (out / "report.html").read_text()
 
     texts = [r.stdout, r.stderr]
     for f in out.rglob("*"):
