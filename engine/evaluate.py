@@ -131,7 +131,8 @@ def evaluate(cfg: EvaluateConfig) -> dict:
     folders = [os.path.abspath(Path(cfg.data_dir) / c) for c in classes]
     out = Path(cfg.out)
     screen = out / "screen"
-    result = run(ScreenConfig(inputs=tuple(folders), model=cfg.model, out=screen, overwrite=True,
+    out.mkdir(parents=True, exist_ok=True)  # OUT (its plots, its calibrated model) is never input
+    result = run(ScreenConfig(inputs=tuple(folders), model=cfg.model, out=screen, overwrite=True, exclude=(str(out),),
                               batch_size=cfg.batch_size, num_cpus=cfg.num_cpus, address=cfg.address,
                               device=cfg.device, progress=cfg.progress))
     import pyarrow.dataset as pads

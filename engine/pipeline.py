@@ -86,6 +86,7 @@ class ScreenConfig:
     fast_jpeg: bool = False               # half-scale JPEG decode (opt-in: not bit-equal to training's)
     worker_logs: bool = False             # Ray workers' stdout/stderr on the console (--verbose)
     allow_unauthenticated_cluster: bool = False  # join an --address cluster that requires no token
+    exclude: tuple[str, ...] = ()         # more folders never walked as input (a caller's own output)
 
     def __post_init__(self):
         if not self.inputs and self.from_list is None:
@@ -565,7 +566,7 @@ def _run(cfg, contract, model_sha, out, done, run_id, started, t_start, lock, se
     t_first_row: list[float] = []  # when the first rows came back, and how many they were
 
     def todo():
-        for item in iter_inputs(cfg.inputs, cfg.from_list, exclude=[out]):
+        for item in iter_inputs(cfg.inputs, cfg.from_list, exclude=[out, *cfg.exclude]):
             walked["total"] += 1
             seen.add(file_key(item.path, secret))  # 8 bytes a file: which earlier error rows still decide the exit
             key = row_key(item.path, item.size, item.mtime_ns, model_sha, secret)

@@ -382,3 +382,26 @@ def test_names_that_are_not_utf8_work_on_the_command_line_and_as_the_current_fol
     assert report.returncode == 0, report.stderr[-2000:]
     with utf8_path(Path(os.fsdecode(out))) as readable:
         assert len(read_rows(readable)) == 3
+
+
+def test_out_is_never_input_for_evaluate_and_train(tmp_path):
+    import json
+
+    from train.synthetic import make_dataset
+
+    data = make_dataset(tmp_path / "data", n_per_class=12, seed=4, size=(96, 96))
+    model = _model(tmp_path)
+    out = data / "COVID" / "evaluation"  # OUT inside a class folder
+    for _ in range(2):  # the second run finds the first one's roc.png, reliability.png and rows there
+        r = run_cli("covidct-evaluate", model, data, "--out", out, "--no-progress", "--num-cpus", "1")
+        assert r.returncode == 0, r.stderr[-2000:]
+        report = json.loads((out / "evaluation.json").read_text())
+        assert report["n"] == 24 and report["files"] == {"ok": 24, "unreadable": 0, "skipped": 0}
+    import shutil
+    shutil.rmtree(out)  # covidct-evaluate's output is not covidct-train's: take it away first
+    run = data / "non-COVID" / "run"
+    r = run_cli("covidct-train", data, "--out", run, "--epochs", "1", "--image-size", "32", "--batch-size", "8")
+    assert r.returncode == 0, r.stderr[-2000:]
+    r = run_cli("covidct-train", data, "--out", run, "--epochs", "1", "--image-size", "32", "--batch-size", "8")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert sum(json.loads((run / "metrics.json").read_text())["split_sizes"].values()) == 24

@@ -150,7 +150,7 @@ def adapt(cfg: AdaptConfig) -> dict:
     classes = data_mod.resolve_classes(cfg.local_dir, cfg.positive)
     ds = data_mod.load_images(cfg.local_dir, classes, tuple(contract.image_size), contract.interpolation,
                               window=dict(contract.window), preprocessing=dict(contract.preprocessing),
-                              keep_grey=True)
+                              keep_grey=True, exclude=Path(cfg.out))
     counts = np.bincount(ds.labels, minlength=2)
     if counts.min() < MIN_PER_CLASS:
         raise DataError(f"{cfg.local_dir} is too small to adapt on: {counts[1]} {classes[1]} and {counts[0]} "

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import logging
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,7 +60,7 @@ def _shrink(grey: np.ndarray) -> np.ndarray:
 
 def load_images(data_dir: Path, classes: tuple[str, str], image_size: tuple[int, int],
                 interpolation: str, window: dict | None = None, preprocessing: dict | None = None,
-                keep_grey: bool = False) -> Dataset:
+                keep_grey: bool = False, exclude: Path | None = None) -> Dataset:
     """Decode every file under the class folders with the engine's decode functions.
 
     Each image becomes the model's input exactly as covidct-batch makes it (``decode_grey_frames``
@@ -69,7 +70,10 @@ def load_images(data_dir: Path, classes: tuple[str, str], image_size: tuple[int,
     """
     paths, labels, images, hashes, bad, greys = [], [], [], [], [], []
     for label, name in enumerate(classes):
+        skip = Path(os.path.abspath(exclude)) if exclude is not None else None
         for path in sorted(p for p in (Path(data_dir) / name).rglob("*") if p.is_file()):
+            if skip is not None and skip in Path(os.path.abspath(path)).parents:
+                continue  # the run directory itself, inside a class folder: never a training image
             try:
                 data = read_file(path)
                 frames = decode_grey_frames(data, window=window)

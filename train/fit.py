@@ -217,7 +217,7 @@ def train(cfg: TrainConfig) -> dict:
     spec = cfg.preprocessing_spec
     ds, classes = sites_mod.load_sites(cfg.sites, cfg.positive, image_size=cfg.image_size,
                                        interpolation=cfg.interpolation, window=cfg.window, preprocessing=spec,
-                                       keep_grey=cfg.arch == "compact")
+                                       keep_grey=cfg.arch == "compact", exclude=out)
     log.info("classes: negative=%r positive=%r", *classes)
     names = tuple(s.name for s in cfg.sites)
     assignment = sites_mod.split_sites(ds, cfg.seed, cfg.groups)
