@@ -116,6 +116,8 @@ def format_summary(run: dict, out: Path) -> str:
         lines.append(f"  {r['status'] + ', ' + str(r['reason']):<32} {r['files']:>10,}")
     lines.append(f"  {'already done (resumed)':<32} {c['already_done']:>10,}")
     lines.append("-" * 44)
+    for d in run.get("damaged_parts", []):
+        lines.append(f"  SET ASIDE {d['part']}: {d['reason']}; moved to {d['moved_to']}, its files screened again")
     if run.get("files_found") == 0:
         lines.append("  NOTHING FOUND: no file under the inputs (an empty folder, an unmounted share?); exit code 2")
     steady = run.get("steady_images_per_s")
@@ -234,6 +236,10 @@ def report_main(out, top_k, group_by, verbose):
     except LockedError as e:
         click.echo(f"covidct-report: error: {e}; run covidct-report once that run has ended", err=True)
         sys.exit(2)
+    from .sink import PREDICTIONS, set_aside_damaged
+    for d in set_aside_damaged(out / PREDICTIONS):
+        click.echo(f"covidct-report: set aside {d['part']}: {d['reason']} (moved to {d['moved_to']}); rerun "
+                   "covidct-batch to screen its files again", err=True)
     try:
         st = build_report(out, top_k, group_by)["studies"]
     except OutputError as e:

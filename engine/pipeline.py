@@ -37,7 +37,7 @@ from .reasons import INTERNAL
 from .report import REPORT, RUN, build_report, write_json
 from .shift import STATS, Histograms, compare
 from .sink import (PREDICTIONS, SECRET, DoneIndex, KeySet, OutputError, PartWriter, SecretError, file_key, out_secret,
-                   row_key)
+                   row_key, set_aside_damaged)
 from .sources import iter_inputs
 from .studies import STUDIES
 from .stats import Progress, Reservoir
@@ -413,6 +413,7 @@ def _locked_run(cfg: ScreenConfig, out: Path, lock: OutDirLock, started: float, 
             (out / name).unlink(missing_ok=True)
     try:
         pred_dir.mkdir(parents=True, exist_ok=True)
+        damaged = set_aside_damaged(pred_dir)  # before anything reads the parts
         secret = out_secret(out)
     except SecretError as e:
         raise RunError(str(e)) from None
@@ -448,7 +449,7 @@ def _locked_run(cfg: ScreenConfig, out: Path, lock: OutDirLock, started: float, 
         if "error" in prep:
             raise prep["error"]
         return _run(cfg, prep["contract"], prep["sha"], out, prep["done"], run_id, started, t_start, lock, secret,
-                    prep["choice"], t_ray)
+                    prep["choice"], t_ray, damaged)
     finally:
         if owns_ray:
             _shutdown_ray()
@@ -488,7 +489,8 @@ def choose_inference(cfg: ScreenConfig, gpu: bool | None = None, contract: Contr
         raise RunError(str(e)) from None
 
 
-def _run(cfg, contract, model_sha, out, done, run_id, started, t_start, lock, secret, choice, t_ray) -> RunSummary:
+def _run(cfg, contract, model_sha, out, done, run_id, started, t_start, lock, secret, choice, t_ray,
+         damaged=()) -> RunSummary:
     import ray
 
     plan = plan_workers(cfg)
@@ -623,7 +625,8 @@ def _run(cfg, contract, model_sha, out, done, run_id, started, t_start, lock, se
 
     def record(state: str) -> dict:
         return {"state": state, **_run_record(cfg, contract, model_sha, run_id, plan, providers, summary, stages,
-                                              started, writer, t_start, choice, t_ray)}
+                                              started, writer, t_start, choice, t_ray),
+                "damaged_parts": list(damaged)}
 
     write_json(out / RUN, record("running"))  # covidct-report can rebuild from OUT_DIR even if this run dies
     load: Counter = Counter()  # actor index -> batches in flight on it

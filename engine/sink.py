@@ -6,6 +6,7 @@ import hashlib
 import logging
 import os
 import time
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -129,6 +130,35 @@ def out_secret(out: Path) -> bytes | None:
         f.flush()
         os.fsync(f.fileno())
     return path.read_bytes()
+
+
+#: Columns a part must have to be one of ours (a foreign Parquet file in predictions/ is set aside).
+_PART_COLUMNS = {"path", "status", "key", "model_sha256", "run_id"}
+DAMAGED = "damaged"
+
+
+def set_aside_damaged(pred_dir: Path) -> list[dict]:
+    """Move every part that cannot be read whole (truncated, empty, not Parquet, a foreign table) to
+    ``predictions/damaged/``; returns what was moved and why. Its files are then not done, so the run
+    screens them again: nothing is lost, and nothing is read from a broken file."""
+    moved = []
+    for part in sorted(Path(pred_dir).glob("part-*.parquet")):
+        try:
+            with open(part, "rb") as f:
+                meta = pq.ParquetFile(f).metadata
+                names = set(meta.schema.to_arrow_schema().names)
+            why = None if _PART_COLUMNS <= names else f"not a covidct-batch part (columns {sorted(names)[:8]})"
+        except (OSError, pa.ArrowException, ValueError) as e:
+            why = f"unreadable ({type(e).__name__}: {str(e).splitlines()[0][:120]})"
+        if why is None:
+            continue
+        dest_dir = Path(pred_dir) / DAMAGED
+        dest_dir.mkdir(exist_ok=True)
+        dest = dest_dir / f"{part.name}.{uuid.uuid4().hex[:6]}"
+        os.replace(part, dest)
+        log.warning("set aside %s: %s (moved to %s; its files are screened again)", part.name, why, dest)
+        moved.append({"part": part.name, "reason": why, "moved_to": str(dest)})
+    return moved
 
 
 class SecretError(RuntimeError):

@@ -405,3 +405,30 @@ def test_out_is_never_input_for_evaluate_and_train(tmp_path):
     r = run_cli("covidct-train", data, "--out", run, "--epochs", "1", "--image-size", "32", "--batch-size", "8")
     assert r.returncode == 0, r.stderr[-2000:]
     assert sum(json.loads((run / "metrics.json").read_text())["split_sizes"].values()) == 24
+
+
+def test_a_damaged_part_is_set_aside_and_its_files_screened_again(tmp_path):
+    import json
+
+    data = tmp_path / "data"
+    _pngs(data, 12)
+    out, model = tmp_path / "out", _model(tmp_path)
+    args = ("covidct-batch", data, "--model", model, "--out", out, "--no-progress", "--num-cpus", "1",
+            "--batch-size", "4", "--rows-per-part", "4")
+    assert run_cli(*args).returncode == 0
+    parts = sorted((out / "predictions").glob("part-*.parquet"))
+    assert len(parts) >= 2
+    lost = parts[-1].read_bytes()
+    parts[-1].write_bytes(lost[: len(lost) // 2])  # truncated (a copy cut short)
+    (out / "predictions" / "part-foreign.parquet").write_bytes(b"")  # empty
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    pq.write_table(pa.table({"x": [1, 2]}), out / "predictions" / "part-zzz.parquet")  # someone else's table
+    r = run_cli(*args)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.count("SET ASIDE") == 3 and "Traceback" not in r.stderr
+    rows = read_rows(out)
+    assert len(set(rows.path)) == 12  # the truncated part's files were screened again: nothing lost
+    run = json.loads((out / "run.json").read_text())
+    assert len(run["damaged_parts"]) == 3 and all(Path(d["moved_to"]).is_file() for d in run["damaged_parts"])
+    assert run["current"]["ok"] == 12
