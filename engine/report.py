@@ -17,6 +17,8 @@ from .studies import STUDIES, top_studies
 REPORT = "report.html"
 RUN = "run.json"
 MAX_FLAGGED = 200  # studies shown with thumbnails; the rest are counted
+MAX_FLAGGED_FILES = 100  # without study grouping: files listed by probability
+FILE_THUMBNAILS = 24  # of which this many with their slice (the report stays small)
 
 
 def _esc(v) -> str:
@@ -156,14 +158,16 @@ threshold {thr:.4f}, provider {_esc(', '.join(run['execution_providers']))}.</p>
         if st["flagged"] > len(flagged):
             parts.append(f"<p>{st['flagged'] - len(flagged)} more flagged studies are in studies.parquet.</p>")
     else:
-        top = rows.top_flagged(MAX_FLAGGED)
+        top = rows.top_flagged(MAX_FLAGGED_FILES)
         parts.append("<p>No study grouping (DICOM UIDs or --group-by) for these inputs: the most probable "
-                     f"flagged files are listed instead ({len(top)} shown).</p>")
+                     f"flagged files are listed instead ({len(top)} shown, the first {FILE_THUMBNAILS} with "
+                     "their slice where allowed).</p>")
         if top:
             parts.append('<table id="flagged-files"><tr><th>file</th><th>probability</th><th>slice</th></tr>')
-            for path, p, b in top:
+            for k, (path, p, b) in enumerate(top):
                 img = (f'<img alt="slice p={p:.3f}" width="96" height="96" '
-                       f'src="data:image/jpeg;base64,{base64.b64encode(b).decode()}">' if b else "")
+                       f'src="data:image/jpeg;base64,{base64.b64encode(b).decode()}">'
+                       if b and k < FILE_THUMBNAILS else "")
                 parts.append(f"<tr><td><code>{_esc(path)}</code></td><td class='flag'>{p:.3f}</td>"
                              f"<td class='thumbs'>{img}</td></tr>")
             parts.append("</table>")
