@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import platform
+import re
 import shutil
 import signal
 import sys
@@ -444,7 +445,7 @@ def _locked_run(cfg: ScreenConfig, out: Path, lock: OutDirLock, started: float, 
         worker.join()
     t_ray = time.monotonic()
     log.debug("startup: Ray up and model checked at %.2f s", t_ray - t_start)
-    run_id = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]
+    run_id = next_run_id(pred_dir)
     try:
         if "error" in prep:
             raise prep["error"]
@@ -473,6 +474,19 @@ def _shutdown_ray() -> None:
                           else signal.SIG_DFL)
     if got and callable(previous):
         previous(signal.SIGTERM, None)
+
+
+def next_run_id(pred_dir: Path) -> str:
+    """``s<sequence>-<UTC time>-<random>``: the sequence is one more than any run's in OUT_DIR's part names,
+    read while the lock is held, so "newest" never depends on a clock (another node's, a container's, an NTP
+    step). The "s" sorts after the plain timestamps of runs written before the sequence existed."""
+    last = 0
+    for p in list(pred_dir.glob("part-s*.parquet")) + list((pred_dir / "damaged").glob("part-s*")):
+        m = re.match(r"part-s(\d{8})-", p.name)
+        if m:
+            last = max(last, int(m.group(1)))
+    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    return f"s{last + 1:08d}-{stamp}-{uuid.uuid4().hex[:6]}"
 
 
 def choose_inference(cfg: ScreenConfig, gpu: bool | None = None, contract: Contract | None = None):

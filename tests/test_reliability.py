@@ -432,3 +432,23 @@ def test_a_damaged_part_is_set_aside_and_its_files_screened_again(tmp_path):
     run = json.loads((out / "run.json").read_text())
     assert len(run["damaged_parts"]) == 3 and all(Path(d["moved_to"]).is_file() for d in run["damaged_parts"])
     assert run["current"]["ok"] == 12
+
+
+def test_runs_are_ordered_by_a_sequence_not_by_the_clock(tmp_path):
+    import shutil
+
+    from engine.pipeline import next_run_id
+
+    data = tmp_path / "data"
+    _pngs(data, 3)
+    out, model = tmp_path / "out", _model(tmp_path)
+    args = ("covidct-batch", data, "--model", model, "--out", out, "--no-progress", "--num-cpus", "1")
+    assert run_cli(*args).returncode == 0
+    first = read_rows(out).run_id.iloc[0]
+    assert first.startswith("s00000001-")
+    # a run from a node whose clock was years ahead wrote part of this OUT_DIR
+    part = sorted((out / "predictions").glob("part-*.parquet"))[0]
+    shutil.copy(part, out / "predictions" / "part-s00000007-20991231T235959Z-abcdef-00000.parquet")
+    nxt = next_run_id(out / "predictions")
+    assert nxt.startswith("s00000008-") and nxt > "s00000007-20991231T235959Z-abcdef"
+    assert nxt > "20991231T235959Z-abcdef"  # and after every run written before the sequence existed
