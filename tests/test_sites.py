@@ -185,6 +185,7 @@ def test_init_refuses_a_missing_or_incompatible_run_and_a_small_set(trained_run,
     assert r.returncode == 2 and "exactly one LOCAL_DIR" in r.stderr
 
 
+@pytest.mark.slow
 def test_site_batch_norm_trains_per_site_and_merges_into_the_plain_model():
     import keras
 
