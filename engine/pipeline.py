@@ -584,7 +584,8 @@ def _run(cfg, contract, model_sha, out, done, run_id, started, t_start, lock, se
     def todo():
         for item in iter_inputs(cfg.inputs, cfg.from_list, exclude=[out, *cfg.exclude]):
             walked["total"] += 1
-            seen.add(file_key(item.path, secret))  # 8 bytes a file: which earlier error rows still decide the exit
+            fid = file_key(item.path, secret)  # which file a row is about, once per file
+            seen.add(fid)  # 8 bytes a file: which earlier error rows still decide the exit
             key = row_key(item.path, item.size, item.mtime_ns, model_sha, secret)
             if key in done:
                 summary.already_done += 1
@@ -594,10 +595,10 @@ def _run(cfg, contract, model_sha, out, done, run_id, started, t_start, lock, se
                     continue
                 listed.add(key)
             if item.error:  # not opened (special file) or could not be stat'ed: a row straight from the driver
-                writer_rows([_driver_row(item, key, item.reason, item.error, contract, model_sha, run_id,
-                                         "skipped" if item.skipped else "error", cfg.pseudonym_key, secret)])
+                writer_rows([_driver_row(item, key, fid, item.reason, item.error, contract, model_sha, run_id,
+                                         "skipped" if item.skipped else "error", cfg.pseudonym_key)])
                 continue
-            yield item, key
+            yield item, key, fid
         walked["finished"] = True
 
     def writer_rows(rows):
@@ -626,8 +627,8 @@ def _run(cfg, contract, model_sha, out, done, run_id, started, t_start, lock, se
                 rows = ray.get(ref)
             except (ray.exceptions.RayError) as e:  # task/actor died beyond retries: rows, not loss
                 msg = type(e).__name__  # its text may quote a path: keep identifiers out of the output
-                rows = [_driver_row(it, key, INTERNAL, f"worker failed ({msg}); rerun to retry", contract,
-                                    model_sha, run_id, pseudonym_key=cfg.pseudonym_key, secret=secret) for it, key in items]
+                rows = [_driver_row(it, key, fid, INTERNAL, f"worker failed ({msg}); rerun to retry", contract,
+                                    model_sha, run_id, pseudonym_key=cfg.pseudonym_key) for it, key, fid in items]
             stages["batch_latency_ms"].add(((time.monotonic() - t_sub) * 1e3,))
             writer_rows(rows)
             if not t_first_row:
@@ -648,7 +649,7 @@ def _run(cfg, contract, model_sha, out, done, run_id, started, t_start, lock, se
         for batch in _first_small(_chunks(todo(), cfg.batch_size)):
             while len(in_flight) >= plan["max_in_flight"]:
                 drain(1)
-            items = [(i.path, i.size, i.mtime_ns, key, file_key(i.path, secret)) for i, key in batch]
+            items = [(i.path, i.size, i.mtime_ns, key, fid) for i, key, fid in batch]
             if not actors:
                 log.debug("startup: first batch submitted at %.2f s", time.monotonic() - t_start)
             if plan["fused"]:
@@ -718,9 +719,9 @@ def _is_output_failure(e: Exception) -> bool:
                             os.strerror(errno.ENOSPC).lower()))
 
 
-def _driver_row(item, key: int, reason: str, message: str, contract: Contract, model_sha: str, run_id: str,
-                status: str = "error", pseudonym_key: str | None = None, secret: bytes | None = None) -> dict:
-    return {"path": shown_path(item.path, pseudonym_key), "key": key, "file_id": file_key(item.path, secret),
+def _driver_row(item, key: int, file_id: int, reason: str, message: str, contract: Contract, model_sha: str,
+                run_id: str, status: str = "error", pseudonym_key: str | None = None) -> dict:
+    return {"path": shown_path(item.path, pseudonym_key), "key": key, "file_id": file_id,
             "status": status, "reason": reason,
             "message": message,
             "threshold": contract.threshold, "model_sha256": model_sha, "provider": None,

@@ -213,7 +213,7 @@ def build_report(out: Path, top_k: int | None = None, group_by: str | None = "<f
                           "group_by": group_by}
         run["current"] = {k: int(rows.status_counts().get(k, 0)) for k in ("ok", "error", "skipped")}
         if seen is not None:
-            ids, _legacy = rows.error_file_ids()  # rows without a file_id cannot be told apart: they count
+            ids = rows.error_file_ids()  # rows without a file_id cannot be told apart: they count
             run["current_errors_not_found"] = int(sum(1 for i in ids.tolist() if i not in seen))
         write_json(out / RUN, run)
         write_report(out, run, rows)

@@ -128,11 +128,10 @@ class Rows:
     def status_counts(self) -> dict[str, int]:
         return dict(self.con.execute("SELECT status, count(*) FROM cur GROUP BY status").fetchall())
 
-    def error_file_ids(self) -> tuple[np.ndarray, int]:
-        """file_id of every current error row, and how many such rows have none (written before the column)."""
+    def error_file_ids(self) -> np.ndarray:
+        """file_id of every current error row that has one (rows written before the column have none)."""
         ids = self.con.execute("SELECT file_id FROM cur WHERE status = 'error' AND file_id IS NOT NULL").fetchnumpy()
-        legacy = self.con.execute("SELECT count(*) FROM cur WHERE status = 'error' AND file_id IS NULL").fetchone()[0]
-        return np.asarray(ids["file_id"], np.int64), int(legacy)
+        return np.asarray(ids["file_id"], np.int64)
 
     def flagged_counts(self) -> dict[str, int]:
         return {("flagged" if p else "not flagged"): n for p, n in self.con.execute(

@@ -30,6 +30,14 @@ def _pngs(root: Path, n: int, seed: int = 0) -> list[Path]:
     return paths
 
 
+def _screening(tmp_path: Path, n: int, *extra) -> tuple[Path, Path, tuple]:
+    """``n`` PNG slices under tmp_path/data, and the covidct-batch arguments that screen them into tmp_path/out."""
+    data, out = tmp_path / "data", tmp_path / "out"
+    _pngs(data, n)
+    return data, out, ("covidct-batch", data, "--model", _model(tmp_path), "--out", out, "--no-progress",
+                       "--num-cpus", "1", *extra)
+
+
 def test_a_file_is_screened_once_however_it_is_named(tmp_path):
     data = tmp_path / "data"
     files = _pngs(data / "a", 5) + _pngs(data / "b", 3, seed=1)
@@ -84,11 +92,8 @@ def test_the_newest_row_of_a_file_supersedes_all_its_older_rows(tmp_path):
 def test_error_rows_of_files_that_are_gone_stop_deciding_the_exit_code(tmp_path):
     import json
 
-    data = tmp_path / "data"
-    _pngs(data, 3)
+    data, out, args = _screening(tmp_path, 3)
     (data / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 40)  # corrupt: a final error row
-    out, model = tmp_path / "out", _model(tmp_path)
-    args = ("covidct-batch", data, "--model", model, "--out", out, "--no-progress", "--num-cpus", "1")
     assert run_cli(*args).returncode == 1
     r = run_cli(*args)  # still there: its error row is current and decides the exit code
     assert r.returncode == 1 and "still current" in r.stdout
@@ -199,10 +204,7 @@ def test_a_report_without_study_grouping_lists_the_top_flagged_files(tmp_path):
 
 
 def test_losing_the_out_dir_secret_is_refused_not_a_second_row_for_every_file(tmp_path):
-    data = tmp_path / "data"
-    _pngs(data, 4)
-    out, model = tmp_path / "out", _model(tmp_path)
-    args = ("covidct-batch", data, "--model", model, "--out", out, "--no-progress", "--num-cpus", "1")
+    _, out, args = _screening(tmp_path, 4)
     assert run_cli(*args).returncode == 0
     secret = (out / ".covidct-secret").read_bytes()
     (out / ".covidct-secret").unlink()  # a copy that skipped dotfiles
@@ -410,11 +412,7 @@ def test_out_is_never_input_for_evaluate_and_train(tmp_path):
 def test_a_damaged_part_is_set_aside_and_its_files_screened_again(tmp_path):
     import json
 
-    data = tmp_path / "data"
-    _pngs(data, 12)
-    out, model = tmp_path / "out", _model(tmp_path)
-    args = ("covidct-batch", data, "--model", model, "--out", out, "--no-progress", "--num-cpus", "1",
-            "--batch-size", "4", "--rows-per-part", "4")
+    _, out, args = _screening(tmp_path, 12, "--batch-size", "4", "--rows-per-part", "4")
     assert run_cli(*args).returncode == 0
     parts = sorted((out / "predictions").glob("part-*.parquet"))
     assert len(parts) >= 2
@@ -439,10 +437,7 @@ def test_runs_are_ordered_by_a_sequence_not_by_the_clock(tmp_path):
 
     from engine.pipeline import next_run_id
 
-    data = tmp_path / "data"
-    _pngs(data, 3)
-    out, model = tmp_path / "out", _model(tmp_path)
-    args = ("covidct-batch", data, "--model", model, "--out", out, "--no-progress", "--num-cpus", "1")
+    _, out, args = _screening(tmp_path, 3)
     assert run_cli(*args).returncode == 0
     first = read_rows(out).run_id.iloc[0]
     assert first.startswith("s00000001-")
