@@ -15,7 +15,7 @@ import cv2
 import numpy as np
 
 from .contract import DEFAULT_INTERPOLATION, INTERPOLATIONS, LUNG_WINDOW
-from .headers import header_size
+from .headers import HeaderError, check_budget, header_size, read_header  # noqa: F401
 from .preprocess import preprocess
 
 #: Refuse images with more pixels than this, from their header, before decoding
@@ -148,13 +148,15 @@ def decode_grey_frames(data: bytes, *, window: dict[str, float] | None = None, m
     if fmt == "dicom":
         from .dicom import decode_dicom
         return [(s.image, s) for s in decode_dicom(data, window or LUNG_WINDOW, max_pixels)]
-    size = header_size(data, fmt)
-    if size is None:
+    try:
+        head = read_header(data, fmt)
+        if head is not None:
+            check_budget(head, max_pixels)
+    except HeaderError as e:
+        raise DecodeError(TOO_LARGE, str(e)) from None
+    if head is None:
         raise DecodeError(CORRUPT, f"{fmt.upper()} header is unreadable")
-    if size[0] * size[1] > max_pixels:
-        raise DecodeError(TOO_LARGE, f"{size[0]}x{size[1]} pixels exceeds the limit of {max_pixels:,} "
-                                     "(possible decompression bomb); refused before decoding")
-    if size[0] == 0 or size[1] == 0:
+    if head.width == 0 or head.height == 0:
         raise DecodeError(CORRUPT, f"{fmt.upper()} header announces an empty image")
     _check_complete(data, fmt)
     buf = np.frombuffer(data, dtype=np.uint8)
@@ -162,7 +164,7 @@ def decode_grey_frames(data: bytes, *, window: dict[str, float] | None = None, m
     # faster and equals BGR2GRAY; other formats keep depth and alpha for to_grey_uint8.
     flags = cv2.IMREAD_GRAYSCALE if fmt == "jpeg" else cv2.IMREAD_UNCHANGED
     small = reduced_jpeg_for
-    if small is not None and fmt == "jpeg" and size[0] >= 2 * small[1] and size[1] >= 2 * small[0]:
+    if small is not None and fmt == "jpeg" and head.width >= 2 * small[1] and head.height >= 2 * small[0]:
         flags = cv2.IMREAD_REDUCED_GRAYSCALE_2
     try:
         img = cv2.imdecode(buf, flags)
