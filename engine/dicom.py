@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import io
 import math
-import re
 import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from .headers import HeaderError, check_budget, codestream_header
+from .privacy import identifying_values
 from .reasons import CORRUPT, TOO_LARGE, TRUNCATED, UNSUPPORTED_TRANSFER_SYNTAX, DecodeError
 from .sandbox import sandbox
 
@@ -32,12 +32,6 @@ DECODERS_HINT = {
 #: SOP classes that are never CT images: structured/dose reports, presentation states, key objects.
 NON_IMAGE_SOP_PREFIXES = ("1.2.840.10008.5.1.4.1.1.88.", "1.2.840.10008.5.1.4.1.1.11.",
                           "1.2.840.10008.5.1.4.1.1.104.", "1.2.840.10008.5.1.4.1.1.481.")
-
-#: Header values that identify a patient or site: redacted from every string we output.
-IDENTIFYING = ("PatientName", "PatientID", "PatientBirthDate", "AccessionNumber", "InstitutionName",
-               "InstitutionAddress", "ReferringPhysicianName", "OtherPatientIDs", "StudyDate", "SeriesDate",
-               "AcquisitionDate", "ContentDate", "StudyID", "PerformingPhysicianName", "OperatorsName")
-
 
 @dataclass
 class Slice:
@@ -62,51 +56,6 @@ def looks_like_dicom_without_preamble(head: bytes) -> bool:
         if tag in (b"\x02\x00", b"\x08\x00") and len(vr) == 2 and vr.isalpha() and vr.isupper():
             return True
     return False
-
-
-def identifying_values(ds) -> list[str]:
-    """The file's own values of the IDENTIFYING attributes (every value of a multi-valued one)."""
-    vals = []
-    for kw in IDENTIFYING:
-        v = ds.get(kw)
-        if v is None:
-            continue
-        for item in (v if isinstance(v, (list, tuple)) or getattr(v, "VM", 1) > 1 else [v]):
-            s = str(item).strip()
-            if s:
-                vals.append(s)
-    return sorted(set(vals), key=len, reverse=True)
-
-
-_SEP = r"[\^\s_.,\-/]*"
-
-
-def _value_patterns(value: str) -> list[str]:
-    """Regexes that find ``value`` however an archive wrote it into a path: any case, any of
-    ^ _ . , - / or space between its parts, a date as YYYYMMDD, YYYY-MM-DD or DD.MM.YYYY."""
-    tokens = [t for t in re.split(r"[\^\s_.,\-/]+", value) if t]
-    if not tokens:
-        return []
-    pats = [_SEP.join(re.escape(t) for t in tokens)]
-    pats += [re.escape(t) for t in tokens if len(t) >= 3]  # each part alone (JOHN of DOE^JOHN)
-    if re.fullmatch(r"\d{8}", value):  # DICOM DA
-        y, m, d = value[:4], value[4:6], value[6:]
-        pats += [rf"{y}[-_. /]?{m}[-_. /]?{d}", rf"{d}[-_. /]{m}[-_. /]{y}", rf"{m}[-_. /]{d}[-_. /]{y}"]
-    return pats
-
-
-def redact(text: str | None, values: list[str]) -> str | None:
-    """``text`` with each identifying value, in any of its written forms, replaced by [redacted].
-
-    Matches stand alone (no letter or digit either side), so a short value (a 2-digit PatientID)
-    is removed where it is a name or a path part without eating other words."""
-    if not text or not values:
-        return text
-    pats = sorted({p for v in values for p in _value_patterns(v)}, key=len, reverse=True)
-    if not pats:
-        return text
-    rx = re.compile(r"(?<![A-Za-z0-9])(?:" + "|".join(pats) + r")(?![A-Za-z0-9])", re.IGNORECASE)
-    return rx.sub("[redacted]", text)
 
 
 def _frame_rescale(ds, i: int) -> tuple[float, float]:

@@ -42,7 +42,8 @@ from .sink import (PREDICTIONS, SECRET, DoneIndex, KeySet, OutputError, PartWrit
 from .sources import iter_inputs
 from .studies import STUDIES
 from .stats import Progress, Reservoir
-from .workers import PredictorActor, decode_batch, shown_path
+from .privacy import shown_path
+from .workers import PredictorActor, decode_batch
 
 log = logging.getLogger(__name__)
 

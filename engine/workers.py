@@ -10,8 +10,6 @@ GPU predictor takes their arrays from the object store (``predict``). Pixels nev
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import os
 import time
 
@@ -19,45 +17,9 @@ import numpy as np
 
 from .contract import Contract
 from .decode import CORRUPT, DecodeError, decode_inputs, read_file
-from .dicom import redact
+from .privacy import pseudonymize, redact, shown_path
 from .predictor import Predictor
 from .shift import slice_stats
-
-
-def _keyed(key: str, data: bytes) -> bytes:
-    """HMAC-SHA256 of ``data`` under the --pseudonymize key."""
-    return hmac.new(key.encode(), data, hashlib.sha256).digest()
-
-
-def pseudonymize(uid: str, key: str | None) -> str:
-    """A keyed hash of a UID, itself a valid UID (2.25.<decimal>); the same key gives the same value."""
-    if not uid or key is None:
-        return uid
-    return "2.25." + str(int.from_bytes(_keyed(key, uid.encode())[:16], "big"))
-
-
-#: Extensions a pseudonym keeps (what kind of file a row was); any other suffix may be part of a name.
-IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".jpe", ".bmp", ".dib", ".tif", ".tiff", ".dcm", ".dicom",
-                              ".ima", ".jp2", ".j2k", ".webp", ".gif", ".pgm", ".pnm", ".ppm"})
-
-
-def pseudonym_path(path: str, key: str) -> str:
-    """A path that names no folder or file: ``/pseudonymized/<folder hash>/<file hash><ext>``.
-
-    Keyed hashes (HMAC-SHA256, first 16 hex digits) of the exact folder and path bytes: files of
-    one folder share its pseudonym (``--group-by parent`` still groups them), and whoever holds the
-    key finds a row's file by hashing candidate paths."""
-    def h(text: str) -> str:
-        return _keyed(key, os.fsencode(text)).hex()[:16]
-
-    ext = os.path.splitext(path)[1].lower()
-    ext = ext if ext in IMAGE_EXTENSIONS else ""  # 'Doe.John' has no extension to keep
-    return f"/pseudonymized/{h(os.path.dirname(path))}/{h(path)}{ext}"
-
-
-def shown_path(path: str, key: str | None) -> str:
-    """The path as rows show it: as is, or its pseudonym under --pseudonymize."""
-    return pseudonym_path(path, key) if key else path
 
 
 def decode_batch(items: list[tuple[str, int, int, int, int]], spec: dict) -> dict:

@@ -163,7 +163,7 @@ def test_an_empty_input_says_nothing_was_found_and_a_link_loop_is_named(tmp_path
 
 
 def test_pseudonyms_keep_only_image_extensions_and_no_message_shows_a_raw_path():
-    from engine.workers import pseudonym_path
+    from engine.privacy import pseudonym_path
 
     assert pseudonym_path("/data/Doe.John", "k").endswith("/" + pseudonym_path("/data/Doe.John", "k").rsplit("/", 1)[1])
     assert "." not in pseudonym_path("/data/Doe.John", "k").rsplit("/", 1)[1]
