@@ -139,64 +139,99 @@ def _padding(small: np.ndarray) -> np.ndarray:
     return ff[1:-1, 1:-1].astype(bool)
 
 
-def _substantial(mask: np.ndarray, rel: float, floor: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(selected-pixel mask, stats, ids) of components at least ``rel`` of the largest and ``floor`` pixels."""
-    n, lab, stats, _ = cv2.connectedComponentsWithStats(mask, connectivity=8)
-    if n < 2:
-        return np.zeros(mask.shape, np.uint8), stats, np.zeros(0, np.int64)
-    areas = stats[1:, cv2.CC_STAT_AREA]
-    keep = 1 + np.nonzero(areas >= max(rel * areas.max(), floor))[0]
+def _components(mask: np.ndarray):
+    """8-connected components of a 0/1 uint8 mask: (count, labels, stats). Spaghetti (OpenCV's fastest
+    labelling, 2.5x the default's speed on a 128x128 working copy) with 16-bit labels where they fit."""
+    ltype = cv2.CV_16U if mask.size < (1 << 17) else cv2.CV_32S  # at most size / 4 components (8-connected)
+    n, lab, stats, _ = cv2.connectedComponentsWithStatsWithAlgorithm(mask, 8, ltype, cv2.CCL_SPAGHETTI)
+    return n, lab, stats
+
+
+def _select(lab: np.ndarray, n: int, keep: np.ndarray) -> np.ndarray:
+    """uint8 mask (nonzero: selected) of the pixels whose label is in ``keep``."""
+    if not len(keep):
+        return np.zeros(lab.shape, np.uint8)
+    if len(keep) <= 3:  # a comparison a component: cheaper than an indexed lookup of every pixel
+        out = cv2.compare(lab, int(keep[0]), cv2.CMP_EQ)
+        for k in keep[1:]:
+            cv2.bitwise_or(out, cv2.compare(lab, int(k), cv2.CMP_EQ), dst=out)
+        return out
     select = np.zeros(n, np.uint8)
     select[keep] = 1
-    return select[lab], stats, keep
+    return select[lab]
+
+
+def _substantial(mask: np.ndarray, rel: float, floor: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(selected-pixel mask, stats, ids, labels) of components at least ``rel`` of the largest and ``floor`` pixels."""
+    n, lab, stats = _components(mask)
+    if n < 2:
+        return np.zeros(mask.shape, np.uint8), stats, np.zeros(0, np.int64), lab
+    areas = stats[1:, cv2.CC_STAT_AREA]
+    keep = 1 + np.nonzero(areas >= max(rel * areas.max(), floor))[0]
+    return _select(lab, n, keep), stats, keep, lab
 
 
 _OPEN = np.ones((3, 3), np.uint8)
 
 
 def _body(small: np.ndarray, valid: np.ndarray, t: float) -> np.ndarray | None:
-    """Convex hull of the substantial tissue components above ``t``; None when implausibly small."""
-    tissue = cv2.morphologyEx(((small > t) & valid).astype(np.uint8), cv2.MORPH_OPEN, _OPEN)
-    chosen, _, keep = _substantial(tissue, 0.1, 1)
+    """Convex hull of the substantial tissue components above ``t``; None when implausibly small.
+    ``valid`` is a 0/1 uint8 mask of what is not padding."""
+    above = cv2.threshold(small, t, 1, cv2.THRESH_BINARY)[1]
+    tissue = cv2.morphologyEx(cv2.bitwise_and(above, valid), cv2.MORPH_OPEN, _OPEN)
+    chosen, _, keep, _ = _substantial(tissue, 0.1, 1)
     if not len(keep):
         return None
     contours, _ = cv2.findContours(chosen, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
     body = np.zeros(small.shape, np.uint8)
     cv2.fillConvexPoly(body, cv2.convexHull(np.concatenate(contours)), 1)
-    body &= valid.view(np.uint8)
-    return body if body.sum() >= 0.2 * valid.sum() else None
+    cv2.bitwise_and(body, valid, dst=body)
+    return body if cv2.countNonZero(body) >= 0.2 * cv2.countNonZero(valid) else None
+
+
+def _hist(small: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
+    """Histogram (256 int64 counts) of the uint8 pixels of ``small`` where ``mask`` is nonzero."""
+    return cv2.calcHist([small], [0], mask, [256], [0, 256]).ravel().astype(np.int64)
+
+
+def _hist_percentile(hist: np.ndarray, q: float) -> float:
+    """The q-th percentile (lower value) of the values a histogram counts: ``_percentile`` of them."""
+    cdf = np.cumsum(hist)
+    return float(np.searchsorted(cdf, q / 100.0 * (cdf[-1] - 1), side="right"))
 
 
 def find_body_and_lungs(small: np.ndarray):
-    """(body mask uint8 0/1 or None, lung box (y0, y1, x0, x1) or None, tissue threshold, lung values)."""
-    valid = ~_padding(small)
-    if valid.sum() < 0.05 * small.size:
+    """(body mask uint8 0/1 or None, lung box (y0, y1, x0, x1) or None, tissue threshold, lung mask or None).
+
+    The lung mask is uint8, nonzero on the pixels of the lung fields."""
+    valid = (~_padding(small)).view(np.uint8)
+    nvalid = cv2.countNonZero(valid)
+    if nvalid < 0.05 * small.size:
         return None, None, None, None
-    t = _otsu(small[valid])
+    t = _otsu(small[valid > 0])
     body = _body(small, valid, t)
     if body is None:
         # Three classes (black lungs, grey tissue, bright contrast or bone under a soft-tissue
         # window): the first split isolated the brightest. Split the darker part once more.
-        darker = small[valid & (small <= t)]
+        darker = small[(valid > 0) & (small <= t)]
         if darker.size:
             t = _otsu(darker)
             body = _body(small, valid, t)
         if body is None:
             return None, None, t, None
-    nbody = int(body.sum())
-    dark = cv2.morphologyEx(((small <= t) & (body > 0)).astype(np.uint8), cv2.MORPH_OPEN, _OPEN)
-    chosen, stats, keep = _substantial(dark, 0.15, max(1, int(0.01 * nbody)))
+    nbody = cv2.countNonZero(body)
+    below = cv2.threshold(small, t, 1, cv2.THRESH_BINARY_INV)[1]
+    dark = cv2.morphologyEx(cv2.bitwise_and(below, body), cv2.MORPH_OPEN, _OPEN)
+    chosen, stats, keep, lab = _substantial(dark, 0.15, max(1, int(0.01 * nbody)))
     if len(keep) > 3:  # the three largest: two lungs, or lungs split by a fissure or a lesion
         keep = keep[np.argsort(-stats[keep, cv2.CC_STAT_AREA])][:3]
-        select = np.zeros(len(stats), np.uint8)
-        select[keep] = 1
-        chosen = select[cv2.connectedComponentsWithStats(dark, connectivity=8)[1]]
+        chosen = _select(lab, len(stats), keep)
     if not len(keep) or stats[keep, cv2.CC_STAT_AREA].sum() < 0.05 * nbody:
         return body, None, t, None
     x0, y0 = stats[keep, 0].min(), stats[keep, 1].min()
     x1 = (stats[keep, 0] + stats[keep, 2]).max()
     y1 = (stats[keep, 1] + stats[keep, 3]).max()
-    return body, (int(y0), int(y1), int(x0), int(x1)), t, small[chosen > 0]
+    return body, (int(y0), int(y1), int(x0), int(x1)), t, chosen
 
 
 def lung_crop(grey: np.ndarray, image_size: tuple[int, int], interpolation: int, spec: dict
@@ -205,28 +240,31 @@ def lung_crop(grey: np.ndarray, image_size: tuple[int, int], interpolation: int,
     h, w = grey.shape
     out_h, out_w = image_size
     small, f = _shrink(grey, int(spec["work_size"]))
-    body, box, t, lung_values = find_body_and_lungs(small)
+    body, box, t, lungs = find_body_and_lungs(small)
     sh, sw = small.shape
     if body is None:  # no body: the whole frame, a percentile stretch
-        lo, hi = _percentile(small.ravel(), 2), _percentile(small.ravel(), 98)
+        hist = _hist(small, None)
+        lo, hi = _hist_percentile(hist, 2), _hist_percentile(hist, 98)
         y0, y1, x0, x1, fallback = 0, sh, 0, sw, "no_body"
         body_fraction = lung_fraction = 0.0
     else:
-        nbody = int(body.sum())
-        body_vals = small[body > 0]
-        bright = body_vals[body_vals > t]
-        hi = _percentile(bright, 50) if bright.size else 255.0
+        body_hist = _hist(small, body)
+        nbody = int(body_hist.sum())
+        bright = body_hist.copy()
+        bright[:int(math.floor(t)) + 1] = 0  # the body's pixels above the tissue threshold
+        hi = _hist_percentile(bright, 50) if bright.any() else 255.0
         body_fraction = nbody / small.size
         if box is None:
             ys, xs = np.nonzero(body)
             y0, y1, x0, x1 = int(ys.min()), int(ys.max()) + 1, int(xs.min()), int(xs.max()) + 1
-            lo, fallback, lung_fraction = _percentile(body_vals, 2), "no_lungs", 0.0
+            lo, fallback, lung_fraction = _hist_percentile(body_hist, 2), "no_lungs", 0.0
         else:
             y0, y1, x0, x1 = box
             my, mx = round(spec["margin"] * (y1 - y0)), round(spec["margin"] * (x1 - x0))
             y0, y1, x0, x1 = max(0, y0 - my), min(sh, y1 + my), max(0, x0 - mx), min(sw, x1 + mx)
-            lo, fallback = _percentile(lung_values, spec["dark_percentile"]), None
-            lung_fraction = lung_values.size / nbody
+            lung_hist = _hist(small, lungs)
+            lo, fallback = _hist_percentile(lung_hist, spec["dark_percentile"]), None
+            lung_fraction = int(lung_hist.sum()) / nbody
     hi = max(hi, lo + 16.0)  # a flat image must not blow noise up
     # Anchors map aerated lung and tissue; with no body there are no anchors: stretch p2..p98.
     d_to, t_to = (0.0, 255.0) if body is None else (float(spec["dark_to"]), float(spec["tissue_to"]))
@@ -242,7 +280,10 @@ def lung_crop(grey: np.ndarray, image_size: tuple[int, int], interpolation: int,
     out = cv2.LUT(out, lut)
     if body is not None:
         m = cv2.resize(body[y0:y1, x0:x1], (out_w, out_h), interpolation=cv2.INTER_NEAREST)
-        out[m == 0] = int(spec["outside"])
+        if int(spec["outside"]) == 0:
+            out = cv2.bitwise_and(out, out, mask=m)
+        else:
+            out[m == 0] = int(spec["outside"])
     return out, Framing(h, w, round(body_fraction, 4), round(lung_fraction, 4), round(lo, 2), round(hi, 2), fallback)
 
 
