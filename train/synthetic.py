@@ -61,12 +61,21 @@ def make_dataset(root: Path, n_per_class: int = 60, seed: int = 0,
 
 def make_archive(root: Path, n: int, seed: int = 0, size: tuple[int, int] = (512, 512),
                  per_folder: int = 1000, quality: int = 90) -> list[Path]:
-    """``n`` grey JPEG slices in nested folders (for the engine and benchmarks); returns their paths.
+    """``n`` grey JPEG slices that look like CT exports, in nested folders (for the engine and
+    benchmarks); returns their paths.
 
-    A few distinct phantoms are reused with fresh noise so that making a large archive stays fast.
+    Each is an HU thorax (a body, two lungs with vessels, a vertebra; ground-glass on half of them)
+    through a varied lung window, half of them framed as another site exports them (the whole field
+    of view, a table, a round field of view padded with black), so lung-crop has its real work to do.
+    Sixteen such renderings are reused with fresh noise so that a large archive stays fast to make.
     """
     rng = np.random.default_rng(seed)
-    bases = [phantom(rng, positive=bool(k % 2), size=size).astype(np.int16) for k in range(8)]
+    bases = []
+    for k in range(16):
+        grey = render(phantom_hu(rng, positive=bool(k % 2)), rng.uniform(-700, -450), rng.uniform(1000, 1800))
+        if k % 4 >= 2:
+            grey = other_site(grey, rng, table=True, pad=1.25 if k % 8 >= 4 else 1.4)
+        bases.append(cv2.resize(grey, (size[1], size[0]), interpolation=cv2.INTER_AREA).astype(np.int16))
     paths = []
     for i in range(n):
         d = Path(root) / f"batch{i // per_folder:04d}"

@@ -1,0 +1,159 @@
+"""The contract's input path against the decoder alone, per slice on one core.
+
+    python -m benchmarks.decode_path
+
+writes ``benchmarks/results/decode-path-<class>.{json,md}``. For CT-like 512x512 JPEG slices
+(``train.synthetic.make_archive``), real PNG slices from ``../shared/data`` and the TCIA DICOM
+slices there, each file's best of ``--repeats`` timings of:
+
+- ``imdecode``: ``cv2.imdecode`` alone of the file's bytes, with the flag the engine uses (for DICOM:
+  ``pydicom.dcmread(...).pixel_array``, the decoder the engine calls);
+- ``decode``: the engine's decode of those bytes to a grey frame (format sniffing, the header's
+  budget checks, the end-marker check, grey conversion; for DICOM the HU and the window);
+- ``working_copy``: lung-crop's reduction to its working size; ``framing``: finding the body and the
+  lungs on it; ``crop_resize_map``: the rest of lung-crop (anchors, the crop resized to the model's
+  size, the intensity map, the mask outside the body); ``statistics``: the shift alarm's statistics;
+- ``whole``: ``read_file`` + ``decode_inputs`` + ``slice_stats``, what a worker runs per slice.
+
+The ratio ``whole / imdecode`` is the issue's target (<= 1.5). Medians over files; CPU flags named.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from engine.contract import INTERPOLATIONS, LUNG_WINDOW
+from engine.decode import decode_grey_frames, decode_inputs, read_file, sniff
+from engine.preprocess import _shrink, default_spec, find_body_and_lungs, lung_crop
+from engine.runtimes import cpu_flags, cpu_name
+from engine.shift import slice_stats
+
+RESULTS = Path(__file__).resolve().parent / "results"
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+STAGES = ("read", "imdecode", "decode", "working_copy", "framing", "crop_resize_map", "statistics", "whole")
+
+
+def _best(fn, repeats: int) -> float:
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t)
+    return best * 1e3
+
+
+def decoder_alone(data: bytes):
+    """The decoder the engine calls for these bytes, alone: a function of no arguments."""
+    fmt = sniff(data[:132])
+    if fmt in (None, "dicom"):
+        import io
+        import warnings
+
+        import pydicom
+
+        def dicom():
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                return pydicom.dcmread(io.BytesIO(data), force=True).pixel_array
+        return dicom
+    buf = np.frombuffer(data, np.uint8)
+    flag = cv2.IMREAD_GRAYSCALE if fmt == "jpeg" else cv2.IMREAD_UNCHANGED
+    return lambda: cv2.imdecode(buf, flag)
+
+
+def measure_file(path: Path, size=(256, 256), spec=None, repeats: int = 20) -> dict:
+    """Milliseconds of each stage (best of ``repeats``) for one file, and ``ratio`` = whole / imdecode."""
+    spec = spec or default_spec()
+    data = Path(path).read_bytes()
+    interp = INTERPOLATIONS["area"]
+    grey = decode_grey_frames(data, window=LUNG_WINDOW)[0][0]
+    small, _ = _shrink(grey, int(spec["work_size"]))
+    img, framing = lung_crop(grey, size, interp, spec)
+    t = {
+        "read": _best(lambda: read_file(path), repeats),
+        "imdecode": _best(decoder_alone(data), repeats),
+        "decode": _best(lambda: decode_grey_frames(data, window=LUNG_WINDOW), repeats),
+        "working_copy": _best(lambda: _shrink(grey, int(spec["work_size"])), repeats),
+        "framing": _best(lambda: find_body_and_lungs(small), repeats),
+        "lung_crop": _best(lambda: lung_crop(grey, size, interp, spec), repeats),
+        "statistics": _best(lambda: slice_stats(img, framing), repeats),
+        "whole": _best(lambda: [slice_stats(i, f) for i, _, f in decode_inputs(
+            read_file(path), size, "area", window=LUNG_WINDOW, preprocessing=spec)], repeats),
+    }
+    t["crop_resize_map"] = max(0.0, t["lung_crop"] - t["working_copy"] - t["framing"])
+    t["ratio"] = t["whole"] / t["imdecode"]
+    t["shape"] = list(grey.shape)
+    return t
+
+
+def measure_set(paths: list[Path], **kw) -> dict:
+    per = [measure_file(p, **kw) for p in paths]
+    out = {k: round(statistics.median(r[k] for r in per), 4) for k in (*STAGES, "lung_crop", "ratio")}
+    out["files"] = len(per)
+    out["shapes"] = sorted({tuple(r["shape"]) for r in per})[:4]
+    return out
+
+
+def sets(n: int, work: Path) -> dict[str, list[Path]]:
+    from train.synthetic import make_archive
+
+    found = {"CT-like 512x512 JPEG (synthetic)": make_archive(work / "jpeg", n, seed=0, size=(512, 512))}
+    for name in ("sarscov2-ct-subset", "ucsd-covid-ct"):
+        pngs = sorted((SHARED / name).rglob("*.png"))
+        if pngs:
+            found[f"real PNG ({name})"] = pngs[:: max(1, len(pngs) // n)][:n]
+    dcm = sorted((SHARED / "tcia-covid19-ny-sbu-dicom").rglob("*.dcm"))
+    if dcm:
+        found["real DICOM 512x512 int16 (TCIA)"] = dcm[:n]
+    return found
+
+
+def markdown(report: dict) -> str:
+    lines = ["# The contract's input path against the decoder alone (one core, per slice)", "",
+             f"Machine: {report['cpu']}, **CPU flags: {' '.join(report['cpu_flags'])}**. Date: {report['date']}. "
+             f"Command: `{report['command']}`. Medians over files of each file's best of {report['repeats']}; ms.", "",
+             "| slices | files | read | decoder alone | engine decode | working copy | framing | crop+resize+map "
+             "| statistics | whole path | whole / decoder | target <= 1.5 |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for name, r in report["sets"].items():
+        lines.append(f"| {name} | {r['files']} | {r['read']:.3f} | {r['imdecode']:.3f} | {r['decode']:.3f} | "
+                     f"{r['working_copy']:.3f} | {r['framing']:.3f} | {r['crop_resize_map']:.3f} | "
+                     f"{r['statistics']:.3f} | {r['whole']:.3f} | {r['ratio']:.2f} | "
+                     f"{'yes' if r['ratio'] <= 1.5 else '**no**'} |")
+    lines += ["", "Decoder alone: `cv2.imdecode` (JPEG grey, PNG unchanged); for DICOM `pydicom` `pixel_array`. "
+              "Engine decode adds the format and budget checks and grey conversion (DICOM: HU and window). "
+              "Framing is lung-crop's search for the body and lungs on its 128-pixel working copy; "
+              "crop+resize+map is the rest of lung-crop. Whole path: read_file + decode_inputs + slice_stats.", ""]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--n", type=int, default=40, help="files per set")
+    ap.add_argument("--repeats", type=int, default=20)
+    ap.add_argument("--results", type=Path, default=RESULTS)
+    args = ap.parse_args()
+    cv2.setNumThreads(1)  # one core, as each worker runs
+    from benchmarks.compare import cpu_class
+
+    with tempfile.TemporaryDirectory() as tmp:
+        report = {"date": time.strftime("%Y-%m-%d"), "cpu": cpu_name(), "cpu_flags": cpu_flags(),
+                  "repeats": args.repeats, "command": "python -m benchmarks.decode_path " + " ".join(
+                      f"--{k} {v}" for k, v in (("n", args.n), ("repeats", args.repeats))),
+                  "sets": {name: measure_set(paths, repeats=args.repeats) for name, paths in sets(args.n, Path(tmp)).items()}}
+    args.results.mkdir(parents=True, exist_ok=True)
+    stem = args.results / f"decode-path-{cpu_class(report['cpu_flags'])}"
+    stem.with_suffix(".json").write_text(json.dumps(report, indent=2, default=str))
+    stem.with_suffix(".md").write_text(markdown(report))
+    print(markdown(report))
+
+
+if __name__ == "__main__":
+    main()
