@@ -42,6 +42,35 @@ def test_decode_resize(benchmark, jpeg512):
     assert ours <= 1.5 * raw, (ours, raw)
 
 
+#: The input path per slice on one core (read, decode, lung-crop, resize, shift statistics) against
+#: ``cv2.imdecode`` alone of the same bytes. The issue's target is 1.5x; measured (python -m
+#: benchmarks.decode_path, AVX-512/AMX Xeon): 2.1x on CT-like 512x512 JPEG slices, 1.50-1.54x on real
+#: PNG slices. These bounds hold what is reached, with room for other CPU classes, so that a slower
+#: input path fails here; the report names what is still short of 1.5.
+INPUT_PATH_BOUND = {"jpeg": 3.0, "png": 2.0}
+
+
+def test_input_path_against_the_decoder_alone(benchmark, tmp_path):
+    from benchmarks.decode_path import measure_file
+    from train.synthetic import make_archive
+
+    files = {"jpeg": make_archive(tmp_path / "ct", 3, size=(512, 512))}
+    shared = Path(__file__).resolve().parents[2] / "shared" / "data" / "sarscov2-ct-subset"
+    pngs = sorted(shared.rglob("*.png"))[:3]
+    if pngs:
+        files["png"] = pngs
+    threads = cv2.getNumThreads()
+    cv2.setNumThreads(1)  # one core, as each worker runs
+    try:
+        got = benchmark.pedantic(lambda: {k: sorted(measure_file(p, repeats=10)["ratio"] for p in ps)[len(ps) // 2]
+                                          for k, ps in files.items()}, rounds=1, iterations=1)
+    finally:
+        cv2.setNumThreads(threads)
+    benchmark.extra_info.update(ratios=got, target=1.5, pngs="real" if pngs else "absent: ../shared/data")
+    for kind, ratio in got.items():
+        assert ratio <= INPUT_PATH_BOUND[kind], (kind, got)
+
+
 def test_predictor_batch(benchmark, default_arch_models):
     """The default model in batches of 32 costs no more per image than one call per image (10% allowed for
     noise), timed interleaved here: whether batching wins outright depends on the CPU (on an AVX-512/AMX

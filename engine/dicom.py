@@ -18,7 +18,8 @@ import numpy as np
 
 from .headers import HeaderError, check_budget, codestream_header
 from .privacy import identifying_values
-from .reasons import CORRUPT, TOO_LARGE, TRUNCATED, UNSUPPORTED_TRANSFER_SYNTAX, DecodeError
+from .reasons import (CORRUPT, LOCALIZER, NOT_CT_IMAGE, TOO_LARGE, TRUNCATED, UNSUPPORTED_PIXELS,
+                      UNSUPPORTED_TRANSFER_SYNTAX, DecodeError)
 from .sandbox import sandbox
 
 #: Transfer syntaxes and what decodes them. The project installs python-gdcm (BSD) and
@@ -274,13 +275,13 @@ def _decode_pixels(ds, data: bytes, window: dict, max_pixels: int, ident: list[s
     sop_class = str(ds.get("SOPClassUID", ""))
     modality = str(ds.get("Modality", ""))
     if sop_class.startswith(NON_IMAGE_SOP_PREFIXES) or "PixelData" not in ds:
-        raise DecodeError("not_ct_image", f"DICOM object without CT pixels (modality {modality or '?'}, "
+        raise DecodeError(NOT_CT_IMAGE, f"DICOM object without CT pixels (modality {modality or '?'}, "
                                           f"SOP class {sop_class or '?'}): skipped")
     image_type = [str(t).upper() for t in ds.get("ImageType", [])]
     if "LOCALIZER" in image_type or "SCOUT" in image_type:
-        raise DecodeError("localizer", "localizer/scout image, not an axial slice: skipped")
+        raise DecodeError(LOCALIZER, "localizer/scout image, not an axial slice: skipped")
     if modality and modality != "CT":
-        raise DecodeError("not_ct_image", f"modality {modality}, not CT: skipped")
+        raise DecodeError(NOT_CT_IMAGE, f"modality {modality}, not CT: skipped")
     frames = int(ds.get("NumberOfFrames", 1) or 1)
     meta = getattr(ds, "file_meta", None)
     ts = meta.get("TransferSyntaxUID") if meta is not None else None
@@ -297,7 +298,7 @@ def _decode_pixels(ds, data: bytes, window: dict, max_pixels: int, ident: list[s
         pixels = pixels[None]
     pixels = pixels[:frames]  # never more slices than the header announces
     if pixels.ndim != 3:
-        raise DecodeError("unsupported_pixels", f"DICOM pixel array of shape {pixels.shape} is not grey CT")
+        raise DecodeError(UNSUPPORTED_PIXELS, f"DICOM pixel array of shape {pixels.shape} is not grey CT")
     invert = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper() == "MONOCHROME1"
     pad_value = ds.get("PixelPaddingValue")
     pad_limit = ds.get("PixelPaddingRangeLimit")

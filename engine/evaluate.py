@@ -22,6 +22,8 @@ import numpy as np
 from .contract import DISCLAIMER, Contract
 from .labels import resolve_classes
 from .metrics import calibration, confusion, delong_ci, operating_threshold, roc_curve, wilson
+from .reasons import LOCALIZER, NOT_CT_IMAGE
+from .rows import Status
 
 log = logging.getLogger(__name__)
 
@@ -147,11 +149,11 @@ def evaluate(cfg: EvaluateConfig) -> dict:
         cls = next((k for k, f in enumerate(folders) if r["path"].startswith(f + os.sep)), None)
         if cls is None:  # cannot happen for paths under the two folders; never guess a label
             raise RunError(f"row outside the class folders: {r['path']}")
-        if r["status"] == "ok":
+        if r["status"] == Status.OK:
             labels.append(cls)
             probs.append(r["probability"])
             unframed += r["framing"] is not None
-        elif r["status"] == "error":
+        elif r["status"] == Status.ERROR:
             unreadable.append({"path": r["path"], "class": classes[cls], "reason": r["reason"], "message": r["message"]})
         else:
             skipped.append({"path": r["path"], "class": classes[cls], "reason": r["reason"]})
@@ -222,7 +224,7 @@ def calibrate(cfg: EvaluateConfig, contract: Contract, model_sha: str, y: np.nda
     if min(npos, nneg) < MIN_CALIBRATION_SLICES:
         raise CalibrationRefused(f"{npos} positive and {nneg} negative slices were readable; --calibrate needs at "
                                  f"least {MIN_CALIBRATION_SLICES} of each")
-    skipped_not_ct = sum(1 for s in report["skipped"] if s["reason"] in ("not_ct_image", "localizer"))
+    skipped_not_ct = sum(1 for s in report["skipped"] if s["reason"] in (NOT_CT_IMAGE, LOCALIZER))
     if skipped_not_ct > len(y):
         raise CalibrationRefused(f"{skipped_not_ct} DICOM objects are not CT slices against {len(y)} that are: "
                                  "this set reads as a different modality")

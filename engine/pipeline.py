@@ -43,6 +43,7 @@ from .sources import iter_inputs
 from .studies import STUDIES
 from .stats import Progress, Reservoir
 from .privacy import shown_path
+from .rows import Row, Status
 from .workers import PredictorActor, decode_batch
 
 log = logging.getLogger(__name__)
@@ -597,7 +598,7 @@ def _run(cfg, contract, model_sha, out, done, run_id, started, t_start, lock, se
                 listed.add(key)
             if item.error:  # not opened (special file) or could not be stat'ed: a row straight from the driver
                 writer_rows([_driver_row(item, key, fid, item.reason, item.error, contract, model_sha, run_id,
-                                         "skipped" if item.skipped else "error", cfg.pseudonym_key)])
+                                         Status.SKIPPED if item.skipped else Status.ERROR, cfg.pseudonym_key)])
                 continue
             yield item, key, fid
         walked["finished"] = True
@@ -607,16 +608,17 @@ def _run(cfg, contract, model_sha, out, done, run_id, started, t_start, lock, se
             raise OutputError("the lock of OUT_DIR was taken by another run; this run stopped writing")
         writer.add(rows)
         for r in rows:
-            summary.counts[r["status"]] += 1
-            if r["status"] == "ok":
-                summary.labels[r["label"]] += 1
-                shift_hist.add({k: r[k] for k in STATS} if r.get("input_detail") is not None else None,
-                               r.get("probability"))
+            summary.counts[str(r.status)] += 1
+            if r.status == Status.OK:
+                summary.labels[r.label] += 1
+                shift_hist.add({k: getattr(r, k) for k in STATS} if r.input_detail is not None else None,
+                               r.probability)
             else:
-                summary.reasons[(r["status"], r["reason"])] += 1
+                summary.reasons[(str(r.status), str(r.reason))] += 1
             for k in ("read_ms", "decode_ms", "infer_ms"):
-                if r.get(k) is not None and (k != "decode_ms" or r["status"] == "ok"):
-                    stages[k].add((r[k],))
+                v = getattr(r, k)
+                if v is not None and (k != "decode_ms" or r.status == Status.OK):
+                    stages[k].add((v,))
 
     def drain(block_for: int) -> None:
         done_refs, _ = ray.wait(list(in_flight), num_returns=min(block_for, len(in_flight)))
@@ -721,13 +723,11 @@ def _is_output_failure(e: Exception) -> bool:
 
 
 def _driver_row(item, key: int, file_id: int, reason: str, message: str, contract: Contract, model_sha: str,
-                run_id: str, status: str = "error", pseudonym_key: str | None = None) -> dict:
-    return {"path": shown_path(item.path, pseudonym_key), "key": key, "file_id": file_id,
-            "status": status, "reason": reason,
-            "message": message,
-            "threshold": contract.threshold, "model_sha256": model_sha, "provider": None,
-            "file_size": item.size if item.size >= 0 else None,
-            "mtime_ns": item.mtime_ns if item.mtime_ns >= 0 else None, "run_id": run_id}
+                run_id: str, status: Status = Status.ERROR, pseudonym_key: str | None = None) -> Row:
+    return Row(path=shown_path(item.path, pseudonym_key), key=key, file_id=file_id, status=status, reason=reason,
+               message=message, threshold=contract.threshold, model_sha256=model_sha,
+               file_size=item.size if item.size >= 0 else None,
+               mtime_ns=item.mtime_ns if item.mtime_ns >= 0 else None, run_id=run_id)
 
 
 def _config_record(cfg: ScreenConfig) -> dict:

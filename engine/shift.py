@@ -41,17 +41,20 @@ import numpy as np
 
 REFERENCE_VERSION = 1
 
+#: The statistics' names: defined here only (the output's columns, engine.rows, are made from STATS).
+DARK_ANCHOR, TISSUE_ANCHOR, LUNG_FRACTION = "dark_anchor", "tissue_anchor", "lung_fraction"
+INPUT_MEAN, INPUT_DETAIL = "input_mean", "input_detail"
 #: (low, high, bins) of each statistic's fixed histogram. Values outside are clipped to the ends.
 STATS: dict[str, tuple[float, float, int]] = {
-    "dark_anchor": (0.0, 256.0, 32),
-    "tissue_anchor": (0.0, 256.0, 32),
-    "lung_fraction": (0.0, 1.0, 25),
-    "input_mean": (0.0, 256.0, 32),
-    "input_detail": (0.0, 64.0, 32),
+    DARK_ANCHOR: (0.0, 256.0, 32),
+    TISSUE_ANCHOR: (0.0, 256.0, 32),
+    LUNG_FRACTION: (0.0, 1.0, 25),
+    INPUT_MEAN: (0.0, 256.0, 32),
+    INPUT_DETAIL: (0.0, 64.0, 32),
 }
 PROBABILITY_BINS = 20
 #: The statistics that decide the verdict: acquisition (window, resolution, noise), not content.
-DECIDING = ("dark_anchor", "tissue_anchor", "input_detail")
+DECIDING = (DARK_ANCHOR, TISSUE_ANCHOR, INPUT_DETAIL)
 
 #: Two-sample KS critical value coefficient c(alpha) = sqrt(-ln(alpha / 2) / 2) at alpha = 0.001.
 ALPHA = 0.001
@@ -76,9 +79,9 @@ def slice_stats(model_input: np.ndarray, framing) -> dict[str, float] | None:
     n = cv2.countNonZero(model_input) or model_input.size
     _, body = cv2.threshold(model_input, 0, 255, cv2.THRESH_BINARY)
     detail = cv2.bitwise_and(cv2.convertScaleAbs(cv2.Laplacian(model_input, cv2.CV_16S)), body)
-    return {"dark_anchor": float(framing.dark_anchor), "tissue_anchor": float(framing.tissue_anchor),
-            "lung_fraction": float(framing.lung_fraction), "input_mean": cv2.sumElems(model_input)[0] / n,
-            "input_detail": cv2.sumElems(detail)[0] / n}
+    return {DARK_ANCHOR: float(framing.dark_anchor), TISSUE_ANCHOR: float(framing.tissue_anchor),
+            LUNG_FRACTION: float(framing.lung_fraction), INPUT_MEAN: cv2.sumElems(model_input)[0] / n,
+            INPUT_DETAIL: cv2.sumElems(detail)[0] / n}
 
 
 def _bin(value: float, lo: float, hi: float, bins: int) -> int:

@@ -14,52 +14,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .reasons import INTERNAL, RETRY_CODES
+from .rows import COLUMNS, SCHEMA, Row, Status, as_row, row_dict  # noqa: F401  (SCHEMA, COLUMNS: here as before)
 
 log = logging.getLogger(__name__)
 
 PREDICTIONS = "predictions"
 
-#: One row per input file. Documented in the README; add columns at the end only.
-SCHEMA = pa.schema([
-    ("path", pa.string()),
-    ("status", pa.string()),        # ok | error | skipped
-    ("reason", pa.string()),        # stable code; null when ok
-    ("message", pa.string()),       # human-readable detail; null when ok
-    ("probability", pa.float32()),  # of the positive class; null unless ok
-    ("label", pa.string()),         # class name at the threshold; null unless ok
-    ("positive", pa.bool_()),       # probability >= threshold; null unless ok
-    ("threshold", pa.float32()),
-    ("model_sha256", pa.string()),
-    ("provider", pa.string()),      # ONNX Runtime execution provider actually used
-    ("read_ms", pa.float32()),
-    ("decode_ms", pa.float32()),    # decode + resize
-    ("infer_ms", pa.float32()),     # this image's share of its batch's inference
-    ("file_size", pa.int64()),
-    ("mtime_ns", pa.int64()),       # file modification time, ns since the epoch
-    ("run_id", pa.string()),
-    ("node", pa.string()),          # Ray node id (first 12 hex digits) of the predictor
-    ("key", pa.int64()),            # resume key of (path, size, mtime, model); the path may be redacted
-    ("study_uid", pa.string()),     # DICOM only (keyed hashes with --pseudonymize)
-    ("series_uid", pa.string()),
-    ("sop_uid", pa.string()),
-    ("instance_number", pa.int32()),
-    ("slice_position", pa.float64()),  # z of ImagePositionPatient (mm)
-    ("frame", pa.int32()),          # frame index within the DICOM object (0 for single-frame)
-    ("thumbnail", pa.binary()),     # 96x96 JPEG of the model's input, positive rows only (for the report)
-    # What the preprocessing found (engine.preprocess, engine.shift); null for schema 1 models.
-    ("framing", pa.string()),       # null, or the fallback taken: no_body / no_lungs
-    ("dark_anchor", pa.float32()),  # grey of aerated lung before mapping (reveals the export window)
-    ("tissue_anchor", pa.float32()),  # grey of soft tissue before mapping
-    ("lung_fraction", pa.float32()),  # share of the body in the lung fields
-    ("input_mean", pa.float32()),   # mean of the model's input inside the body
-    ("input_detail", pa.float32()),  # mean |Laplacian| of the model's input (resolution, blur, noise)
-    # The exact file name when it is not UTF-8 (``path`` then shows its bytes as \\xNN escapes); null otherwise.
-    ("path_bytes", pa.binary()),
-    # Keyed hash of the exact path alone (not size, mtime or model): which file a row is about, even where
-    # ``path`` is redacted. The newest run's rows of a file supersede all its older rows (engine.studies).
-    ("file_id", pa.int64()),
-])
-COLUMNS = SCHEMA.names
 _STRINGS = [f.name for f in SCHEMA if pa.types.is_string(f.type)]
 
 
@@ -80,16 +40,16 @@ def readable(text: str) -> str:
         return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
-def clean_row(row: dict) -> dict:
+def clean_row(row: Row) -> Row:
     """The row with every text valid UTF-8; a path that was not keeps its exact bytes in ``path_bytes``."""
     for c in _STRINGS:
-        v = row.get(c)
+        v = getattr(row, c)
         if isinstance(v, str):
             r = readable(v)
             if r is not v:
                 if c == "path":
-                    row["path_bytes"] = os.fsencode(v)
-                row[c] = r
+                    row.path_bytes = os.fsencode(v)
+                setattr(row, c, r)
     return row
 
 
@@ -279,11 +239,13 @@ class PartWriter:
         self.rows_written = 0
         self.first_write_at: float | None = None
 
-    def add(self, rows: list[dict]) -> None:
+    def add(self, rows: list[Row]) -> None:
+        """Buffer ``rows`` (``Row``; a dict is accepted only with the schema's fields: RowFieldError names
+        any other) and write a part when one is due."""
+        rows = [clean_row(as_row(r)) for r in rows]  # every row checked before any is buffered
         for row in rows:
-            clean_row(row)
             for c in COLUMNS:
-                self._buf[c].append(row.get(c))
+                self._buf[c].append(getattr(row, c))
         self._n += len(rows)
         if self._n and (self._seq == 0 or self._n >= self.rows_per_part
                         or time.monotonic() - self._last >= self.max_seconds):
@@ -333,12 +295,11 @@ class PartWriter:
                 pa.Table.from_pylist([row], schema=SCHEMA)
             except (pa.ArrowException, TypeError, ValueError, OverflowError) as e:
                 log.error("a row could not be written (%s); it is kept as an internal error row", type(e).__name__)
-                row = {c: None for c in COLUMNS} | {
-                    k: row.get(k) if isinstance(row.get(k), t) else None
-                    for k, t in (("path", str), ("key", int), ("model_sha256", str), ("run_id", str),
-                                 ("path_bytes", bytes), ("file_id", int))}
-                row.update(status="error", reason=INTERNAL,
-                           message=f"the row could not be written ({type(e).__name__}); rerun to retry")
+                keep = {k: row.get(k) if isinstance(row.get(k), t) else None
+                        for k, t in (("path", str), ("key", int), ("model_sha256", str), ("run_id", str),
+                                     ("path_bytes", bytes), ("file_id", int))}
+                row = row_dict(Row(**keep, status=Status.ERROR, reason=INTERNAL,
+                                   message=f"the row could not be written ({type(e).__name__}); rerun to retry"))
             rows.append(row)
         return pa.Table.from_pylist(rows, schema=SCHEMA)
 

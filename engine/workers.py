@@ -19,15 +19,16 @@ from .contract import Contract
 from .decode import CORRUPT, DecodeError, decode_inputs, read_file
 from .privacy import pseudonymize, redact, shown_path
 from .predictor import Predictor
+from .rows import Decoded, Row, Status
 from .shift import slice_stats
 
 
 def decode_batch(items: list[tuple[str, int, int, int, int]], spec: dict) -> dict:
     """Ray task: read and decode+resize each file; one uint8 (k, H, W, 1) array for the k frames that decoded.
 
-    ``items`` are (path, size, mtime_ns, key, file_id). Returns ``{"images": array, "meta": [dict, ...]}``:
-    one meta row per frame (or per failed file) in input order; rows with status "ok" map to
-    images in order. Paths and messages of DICOM rows carry no identifying header value.
+    ``items`` are (path, size, mtime_ns, key, file_id). Returns ``{"images": array, "meta": [Decoded, ...]}``:
+    one row per frame (or per failed file) in input order; rows with status ok map to images in
+    order. Paths and messages of DICOM rows carry no identifying header value.
     """
     import cv2
 
@@ -38,8 +39,7 @@ def decode_batch(items: list[tuple[str, int, int, int, int]], spec: dict) -> dic
     # under --pseudonymize no raster thumbnail at all: burned-in text can survive the lung crop
     thumbs = "off" if pkey else spec.get("thumbnails", "auto")
     for path, size, mtime_ns, key, file_id in items:
-        base = {"path": shown_path(path, pkey), "file_size": size, "mtime_ns": mtime_ns, "key": key,
-                "file_id": file_id}
+        shown = shown_path(path, pkey)
         t0 = time.perf_counter()
         try:
             data = read_file(path)
@@ -51,24 +51,27 @@ def decode_batch(items: list[tuple[str, int, int, int, int]], spec: dict) -> dic
         except Exception as e:  # noqa: BLE001  a file's failure, whatever it is, is that file's row alone
             if not isinstance(e, DecodeError):
                 e = DecodeError(CORRUPT, f"could not be decoded ({type(e).__name__})")
-            meta.append({**base, "path": redact(base["path"], e.redact), "status": "skipped" if e.skipped else "error",
-                         "reason": e.code, "message": redact(e.message, e.redact),
-                         "read_ms": (time.perf_counter() - t0) * 1e3, "decode_ms": 0.0})
+            meta.append(Decoded(Row(path=redact(shown, e.redact), file_size=size, mtime_ns=mtime_ns, key=key,
+                                    file_id=file_id, status=Status.SKIPPED if e.skipped else Status.ERROR,
+                                    reason=e.code, message=redact(e.message, e.redact),
+                                    read_ms=(time.perf_counter() - t0) * 1e3, decode_ms=0.0)))
             continue
         for img, sl, framing in frames:
             images.append(img)
-            # a thumbnail only where no burned-in text can show: never for DICOM unless BurnedInAnnotation is NO
-            row = {**base, "status": "ok", "reason": None, "message": None, "read_ms": (t1 - t0) * 1e3,
-                   "decode_ms": (t2 - t1) * 1e3 / len(frames),
-                   "_thumbnail": thumbs == "on" or (thumbs == "auto" and (sl is None or sl.burned_in_text_absent))}
+            row = Row(path=shown, file_size=size, mtime_ns=mtime_ns, key=key, file_id=file_id, status=Status.OK,
+                      read_ms=(t1 - t0) * 1e3, decode_ms=(t2 - t1) * 1e3 / len(frames))
             stats = slice_stats(img, framing)  # the shift alarm's statistics: a few floats, no pixels
             if stats is not None:
-                row.update(stats, framing=framing.fallback)
+                for name, value in stats.items():
+                    setattr(row, name, value)
+                row.framing = framing.fallback
             if sl is not None:
-                row.update(path=redact(base["path"], sl.identifying), study_uid=pseudonymize(sl.study_uid, pkey),
-                           series_uid=pseudonymize(sl.series_uid, pkey), sop_uid=pseudonymize(sl.sop_uid, pkey),
-                           instance_number=sl.instance_number, slice_position=sl.slice_position, frame=sl.frame)
-            meta.append(row)
+                row.path = redact(shown, sl.identifying)
+                row.study_uid, row.series_uid, row.sop_uid = (pseudonymize(u, pkey) for u in
+                                                              (sl.study_uid, sl.series_uid, sl.sop_uid))
+                row.instance_number, row.slice_position, row.frame = sl.instance_number, sl.slice_position, sl.frame
+            # a thumbnail only where no burned-in text can show: never for DICOM unless BurnedInAnnotation is NO
+            meta.append(Decoded(row, thumbs == "on" or (thumbs == "auto" and (sl is None or sl.burned_in_text_absent))))
     batch = np.stack(images)[..., None] if images else np.empty((0, h, w, 1), np.uint8)
     return {"images": batch, "meta": meta}
 
@@ -105,24 +108,25 @@ class PredictorActor:
         return {"provider": self.predictor.provider, "host": socket.gethostname(), "pid": os.getpid(),
                 "node": self.node, "runtime": self.predictor.runtime, "note": self.note}
 
-    def screen(self, items: list[tuple[str, int, int, int, int]], spec: dict) -> list[dict]:
+    def screen(self, items: list[tuple[str, int, int, int, int]], spec: dict) -> list[Row]:
         """CPU nodes: decode the batch in this process, then predict it (no hand-off between processes)."""
         return self.predict(decode_batch(items, spec))
 
-    def predict(self, decoded: dict) -> list[dict]:
+    def predict(self, decoded: dict) -> list[Row]:
         c: Contract = self.predictor.contract
         images, meta = decoded["images"], decoded["meta"]
         probs, seconds = (self.predictor.predict(images) if len(images) else (np.zeros(0, np.float32), 0.0))
         share = seconds * 1e3 / max(1, len(images))
         rows, k = [], 0
-        for m in meta:
-            row = {**m, "threshold": c.threshold, "model_sha256": self.sha, "provider": self.predictor.provider,
-                   "run_id": self.run_id, "node": self.node}
-            if m["status"] == "ok":
+        for d in meta:
+            row = d.row
+            row.threshold, row.model_sha256, row.provider = c.threshold, self.sha, self.predictor.provider
+            row.run_id, row.node = self.run_id, self.node
+            if row.status == Status.OK:
                 p = float(probs[k])
                 pos = p >= c.threshold
-                row.update(probability=p, positive=pos, label=c.class_names[int(pos)], infer_ms=share,
-                           thumbnail=thumbnail(images[k, :, :, 0]) if pos and m.get("_thumbnail") else None)
+                row.probability, row.positive, row.label, row.infer_ms = p, pos, c.class_names[int(pos)], share
+                row.thumbnail = thumbnail(images[k, :, :, 0]) if pos and d.thumbnail_allowed else None
                 k += 1
             rows.append(row)
         return rows
