@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -223,19 +221,12 @@ def embed_contract(proto, contract: Contract) -> None:
 
 
 def save_atomic(proto_bytes: bytes, out: Path) -> None:
-    """Write to a temporary file in the destination folder, then rename into place."""
+    """Write the model file whole (engine.atomic), making its folder if needed."""
+    from .atomic import write_atomic
+
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=out.name + ".", suffix=".tmp", dir=out.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(proto_bytes)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomic(out, proto_bytes)
 
 
 def sha256_file(path) -> str:
@@ -249,7 +240,7 @@ def sha256_file(path) -> str:
 
 
 def read_contract(model_path) -> Contract:
-    """Read the contract embedded in an ONNX model file, without loading the graph weights.
+    """Read the contract embedded in an ONNX model file (an ONNX Runtime session reads its metadata).
 
     Raises:
         ContractError: the file is not an ONNX model or carries no valid contract.

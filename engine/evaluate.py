@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .atomic import write_atomic
 from .contract import DISCLAIMER, Contract
 from .labels import resolve_classes
 from .metrics import calibration, confusion, delong_ci, operating_threshold, roc_curve, wilson
@@ -181,9 +182,7 @@ def evaluate(cfg: EvaluateConfig) -> dict:
                                                         report)
         except CalibrationRefused as e:
             report["threshold_calibration"] = {"refused": str(e)}
-    tmp = out / (EVALUATION_FILE + ".tmp")
-    tmp.write_text(json.dumps(report, indent=2))
-    os.replace(tmp, out / EVALUATION_FILE)
+    write_atomic(out / EVALUATION_FILE, json.dumps(report, indent=2))
     _plots(fig, contract, out)
     if "refused" in report.get("threshold_calibration", {}):
         raise CalibrationRefused(report["threshold_calibration"]["refused"] + f" (the evaluation itself is in {out})")

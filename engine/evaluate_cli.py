@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from .logs import setup_logging
+from .runtimes import DEVICES
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -27,7 +28,7 @@ from .logs import setup_logging
 @click.option("--batch-size", type=click.IntRange(1, 4096), default=32, show_default=True)
 @click.option("--num-cpus", type=click.IntRange(1), default=None, help="CPUs of the local Ray runtime (all cores).")
 @click.option("--address", default=None, help="Join this Ray cluster instead of a local runtime.")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True)
 @click.option("--no-progress", is_flag=True, help="No progress line on stderr.")
 @click.option("-v", "--verbose", is_flag=True)
 def main(model, data_dir, out, positive, target_sensitivity, calibrate, calibrated_out, batch_size, num_cpus, address,

@@ -33,17 +33,17 @@ from . import __version__
 from .contract import DISCLAIMER, Contract, ContractError, read_contract, sha256_file
 from .decode import MAX_PIXELS
 from .lock import LockedError, OutDirLock
-from .predictor import ModelError
+from .privacy import shown_path
 from .reasons import INTERNAL
 from .report import REPORT, RUN, build_report, write_json
+from .rows import Row, Status
+from .runtimes import ModelError
 from .shift import STATS, Histograms, compare
 from .sink import (PREDICTIONS, SECRET, DoneIndex, KeySet, OutputError, PartWriter, SecretError, file_key, out_secret,
                    row_key, set_aside_damaged)
 from .sources import iter_inputs
 from .studies import STUDIES
 from .stats import Progress, Reservoir
-from .privacy import shown_path
-from .rows import Row, Status
 from .workers import PredictorActor, decode_batch
 
 log = logging.getLogger(__name__)
@@ -68,8 +68,8 @@ class ScreenConfig:
     from_list: Path | None = None
     batch_size: int = 32
     num_cpus: int | None = None          # local runtime only; default: all cores
-    predictors: int | None = None        # default: one per GPU, else one per node
-    inference_threads: int | None = None  # per predictor; default: the node's CPUs (CPU provider)
+    predictors: int | None = None        # default: one per CPU (at most 16 a node); with GPUs, one per GPU
+    inference_threads: int | None = None  # per predictor; default: the node's CPUs / its predictors (GPU: 2)
     decode_cpus: float = 1.0              # Ray CPUs per decode task (OpenCV runs single-threaded)
     max_in_flight: int | None = None      # batches submitted but not written; default from workers
     device: str = "auto"
@@ -96,13 +96,13 @@ class ScreenConfig:
             raise RunError("nothing to screen: give INPUT folders/files or --from-list FILE")
         if self.batch_size < 1:
             raise RunError(f"--batch-size must be >= 1, e.g. 32; got {self.batch_size}")
-        if self.device not in ("auto", "cpu", "cuda"):
-            raise RunError(f"--device must be auto, cpu or cuda; got {self.device!r}")
-        from .runtimes import PRECISIONS, RUNTIMES
-        if self.runtime not in ("auto", *RUNTIMES):
-            raise RunError(f"--runtime must be auto, onnxruntime or openvino; got {self.runtime!r}")
+        from .runtimes import DEVICES, PRECISIONS, RUNTIME_CHOICES, THUMBNAILS
+        if self.device not in DEVICES:
+            raise RunError(f"--device must be one of {', '.join(DEVICES)}; got {self.device!r}")
+        if self.runtime not in RUNTIME_CHOICES:
+            raise RunError(f"--runtime must be one of {', '.join(RUNTIME_CHOICES)}; got {self.runtime!r}")
         if self.precision not in PRECISIONS:
-            raise RunError(f"--precision must be fp32, int8 or bf16; got {self.precision!r}")
+            raise RunError(f"--precision must be one of {', '.join(PRECISIONS)}; got {self.precision!r}")
         if self.top_k < 1:
             raise RunError(f"--top-k must be >= 1, e.g. 3; got {self.top_k}")
         from .studies import check_group_by
@@ -116,8 +116,8 @@ class ScreenConfig:
                 named = (f"input {p}" if not self.pseudonym_key else
                          f"input number {self.inputs.index(p) + 1} (not shown: --pseudonymize)")
                 raise RunError(f"{named} is inside OUT_DIR: give another --out")
-        if self.thumbnails not in ("auto", "on", "off"):
-            raise RunError(f"--thumbnails must be auto, on or off; got {self.thumbnails!r}")
+        if self.thumbnails not in THUMBNAILS:
+            raise RunError(f"--thumbnails must be one of {', '.join(THUMBNAILS)}; got {self.thumbnails!r}")
         if self.pseudonym_key and self.thumbnails == "on":
             raise RunError("--thumbnails on cannot go with --pseudonymize: a slice's burned-in text (a name, a "
                            "date) can survive the lung crop, so pseudonymized runs embed no raster thumbnails")
@@ -493,7 +493,7 @@ def next_run_id(pred_dir: Path) -> str:
 
 def choose_inference(cfg: ScreenConfig, gpu: bool | None = None, contract: Contract | None = None):
     """The run's runtime and precision (``engine.runtimes.choose``), measured on this machine."""
-    from .predictor import cuda_available
+    from .runtimes import cuda_available
     from .runtimes import RuntimeChoiceError, choose
 
     if gpu is None:  # before Ray is up: a local runtime has a GPU where this machine has one

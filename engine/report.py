@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import base64
-import contextlib
 import html
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 
+from .atomic import write_atomic
 from .contract import DISCLAIMER
 from .studies import STUDIES, top_studies
 
@@ -184,9 +183,7 @@ threshold {thr:.4f}, provider {_esc(', '.join(run['execution_providers']))}.</p>
         f"<tr><td>{_esc(k.replace('_ms', ''))}</td><td>{v['p50']}</td><td>{v['p95']}</td><td>{v['p99']}</td></tr>"
         for k, v in lat.items() if v["p50"] is not None) + "</table>")
     parts.append(f"<p><small>{_esc(DISCLAIMER)}</small></p></body></html>")
-    tmp = out / (REPORT + ".tmp")
-    tmp.write_text("\n".join(parts), encoding="utf-8")
-    os.replace(tmp, out / REPORT)
+    write_atomic(out / REPORT, "\n".join(parts))
     return out / REPORT
 
 
@@ -225,14 +222,7 @@ def write_json(path: Path, record: dict) -> None:
     (a full disk outside the parts stops a run like one inside them: exit 3)."""
     from .sink import OutputError
 
-    tmp = path.with_name(path.name + ".tmp")
     try:
-        with open(tmp, "w") as f:
-            f.write(json.dumps(record, indent=2, default=str))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        write_atomic(path, json.dumps(record, indent=2, default=str))
     except OSError as e:
-        with contextlib.suppress(OSError):
-            tmp.unlink(missing_ok=True)
         raise OutputError(f"{path} could not be written ({e.strerror or e})") from None

@@ -41,6 +41,11 @@ OPENVINO = "openvino"
 RUNTIMES = (ONNXRUNTIME, OPENVINO)
 FP32, INT8, BF16 = "fp32", "int8", "bf16"
 PRECISIONS = (FP32, INT8, BF16)
+AUTO = "auto"
+#: The values of --runtime, --device (every command that runs a model) and --thumbnails: defined here only.
+RUNTIME_CHOICES = (AUTO, *RUNTIMES)
+DEVICES = (AUTO, "cpu", "cuda")
+THUMBNAILS = (AUTO, "on", "off")
 
 #: FP32 probabilities of another runtime may differ from ONNX Runtime's by at most this much.
 PARITY_TOLERANCE = 1e-4
@@ -107,6 +112,64 @@ class RuntimeChoiceError(RuntimeError):
 
 # --------------------------------------------------------------------------- backends
 
+CPU = "CPUExecutionProvider"
+CUDA = "CUDAExecutionProvider"
+
+
+class ModelError(RuntimeError):
+    """The model cannot be loaded or used; raised before any work starts."""
+
+
+def cuda_available() -> bool:
+    """True when ONNX Runtime was built with CUDA *and* this machine has an NVIDIA device.
+
+    ``get_available_providers()`` lists CUDA for the onnxruntime-gpu wheel even on a machine
+    without a GPU (and the session then falls back to the CPU, noisily), so look for a device
+    too; the session's own provider list is still what gets reported.
+    """
+    import glob
+
+    import onnxruntime as ort
+
+    return CUDA in ort.get_available_providers() and bool(glob.glob("/dev/nvidia[0-9]*"))
+
+
+def make_session(model_path: str, threads: int, device: str = "auto"):
+    """An InferenceSession with ``threads`` intra-op threads; returns (session, provider in use).
+
+    ``device``: "auto" (CUDA when a GPU answers, else CPU), "cuda" (fail if no GPU), "cpu".
+    Spinning is off: idle inference threads yield their core to the decode tasks beside them
+    instead of burning it while they wait for the next batch.
+    """
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = max(1, int(threads))
+    opts.inter_op_num_threads = 1
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    opts.log_severity_level = 3
+    providers = [CPU]
+    if device in ("auto", "cuda") and cuda_available():
+        try:
+            ort.preload_dlls()  # CUDA/cuDNN libraries installed from pip (nvidia-* wheels)
+        except Exception as e:  # missing libraries: CUDA will fail below and we fall back or raise
+            log.debug("preload_dlls: %s", e)
+        providers = [(CUDA, {"device_id": 0}), CPU]
+    try:  # a path, or the bytes of the file (engine.runtimes.load hashed them)
+        session = ort.InferenceSession(model_path if isinstance(model_path, bytes) else str(model_path), opts,
+                                       providers=providers)
+    except Exception as e:
+        name = "the model" if isinstance(model_path, bytes) else model_path
+        raise ModelError(f"cannot load {name} with {providers}: {e}") from None
+    in_use = session.get_providers()[0]
+    if device == "cuda" and in_use != CUDA:
+        raise ModelError("--device cuda was asked for but ONNX Runtime fell back to the CPU "
+                         "(no GPU, or CUDA/cuDNN libraries missing: pip install 'onnxruntime-gpu[cuda,cudnn]')")
+    return session, in_use
+
+
 class Backend:
     """One loaded model: ``run(uint8 NHWC batch) -> probabilities``; ``metadata`` is the file's own."""
 
@@ -122,7 +185,6 @@ class OrtBackend(Backend):
     runtime = ONNXRUNTIME
 
     def __init__(self, model: str, threads: int, device: str = "cpu"):
-        from .predictor import make_session
         self.session, self.device = make_session(model, threads, device)
         self.metadata = self.session.get_modelmeta().custom_metadata_map
         self._in, self._out = self.session.get_inputs()[0].name, self.session.get_outputs()[0].name
@@ -278,9 +340,9 @@ class _Cache:
 
     def save(self) -> None:
         try:
-            tmp = self.path.with_suffix(f".{os.getpid()}.tmp")
-            tmp.write_text(json.dumps(self.data, indent=1))
-            os.replace(tmp, self.path)
+            from .atomic import write_atomic
+
+            write_atomic(self.path, json.dumps(self.data, indent=1))
         except OSError as e:
             log.debug("runtime choice not cached: %s", e)
 
@@ -294,7 +356,7 @@ def choose(model: Path, runtime: str = "auto", precision: str = FP32, threads: i
     """Decide the runtime and precision of a run (see the module's text); raises RuntimeChoiceError.
 
     ``contract``: the model's, when the caller has read it already."""
-    if runtime not in ("auto", *RUNTIMES):
+    if runtime not in RUNTIME_CHOICES:
         raise RuntimeChoiceError(f"--runtime must be auto, {ONNXRUNTIME} or {OPENVINO}; got {runtime!r}")
     if precision not in PRECISIONS:
         raise RuntimeChoiceError(f"--precision must be fp32, int8 or bf16; got {precision!r}")

@@ -13,6 +13,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from .atomic import atomic_file
 from .reasons import INTERNAL, RETRY_CODES
 from .rows import COLUMNS, SCHEMA, Row, Status, as_row, row_dict  # noqa: F401  (SCHEMA, COLUMNS: here as before)
 
@@ -261,19 +262,11 @@ class PartWriter:
                                                    FINGERPRINT_KEY: self.fingerprint.encode()})
         final = self.dir / f"part-{self.run_id}-{self._seq:05d}.parquet"
         tmp = final.with_name(final.name + ".tmp")
-        try:
-            with open(tmp, "wb") as f:
+        try:  # Ctrl-C or SIGTERM mid-write: no half part left behind (atomic_file removes it)
+            with atomic_file(final, tmp=tmp) as f:
                 pq.write_table(table, f, compression="zstd")
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, final)
-            _fsync_dir(self.dir)
         except OSError as e:
-            _discard(tmp)
             raise OutputError(f"cannot write {final.name} in {self.dir}: {e.strerror or e}") from None
-        except BaseException:  # Ctrl-C or SIGTERM mid-write: no half part left behind
-            _discard(tmp)
-            raise
         if self.first_write_at is None:
             self.first_write_at = time.time()
         self.rows_written += self._n
@@ -302,18 +295,3 @@ class PartWriter:
                                    message=f"the row could not be written ({type(e).__name__}); rerun to retry"))
             rows.append(row)
         return pa.Table.from_pylist(rows, schema=SCHEMA)
-
-
-def _discard(tmp: Path) -> None:
-    try:
-        tmp.unlink(missing_ok=True)
-    except OSError:
-        pass
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

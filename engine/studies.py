@@ -24,6 +24,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .shift import PROBABILITY_BINS, STATS, Histograms, compare
+from .atomic import atomic_file
 from .sink import PREDICTIONS, SCHEMA as ROW_SCHEMA
 
 STUDIES = "studies.parquet"
@@ -192,12 +193,11 @@ class Rows:
                          for k, (lo, hi, b) in STATS.items())
         pb = PROBABILITY_BINS
         summary = {"studies": 0, "flagged": 0, "shifted": 0}
-        tmp = self.out / (STUDIES + ".tmp")
         # Aggregate states (top-k lists, histograms) are per group and cannot spill: aggregate the
         # studies in hash partitions of about ROWS_PER_PASS rows so that memory stays flat.
         n = self.con.execute("SELECT count(*) FROM cur WHERE study IS NOT NULL").fetchone()[0]
         passes = max(1, -(-n // ROWS_PER_PASS))
-        with pq.ParquetWriter(tmp, SCHEMA) as writer:
+        with atomic_file(self.out / STUDIES) as f, pq.ParquetWriter(f, SCHEMA) as writer:
             for level, keys in (("study", ["study"]), ("series", ["study", "series"])):
                 by = ", ".join(keys)
                 for i in range(passes):
@@ -228,7 +228,6 @@ class Rows:
                             summary["flagged"] += sum(r["decision"] for r in records)
                             summary["shifted"] += sum(bool(r["shift_verdict"] and r["shift_verdict"].startswith("shifted"))
                                                       for r in records)
-        os.replace(tmp, self.out / STUDIES)
         return summary
 
     @staticmethod

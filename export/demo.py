@@ -24,7 +24,7 @@ from engine.logs import setup_logging
 def main(out: Path, n: int, epochs: int):
     """Run train -> export -> screen end to end on a synthetic sample, locally, on the CPU."""
     setup_logging()
-    from engine.cli import format_summary
+    from engine.summary import format_summary
     from engine.pipeline import ScreenConfig, run
     from train.fit import TrainConfig, summary, train
     from train.synthetic import make_archive, make_dataset
