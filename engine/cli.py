@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import signal
-import sys
 from pathlib import Path
 
 import click
 
 from .contract import DISCLAIMER
+from .exits import CommandError, Exit, command
 from .logs import setup_logging
-from .summary import format_summary
+from .summary import format_summary, study_table
 from .runtimes import DEVICES, PRECISIONS, RUNTIME_CHOICES, THUMBNAILS
 
 
@@ -58,6 +57,7 @@ from .runtimes import DEVICES, PRECISIONS, RUNTIME_CHOICES, THUMBNAILS
                    "per 512x512 slice; probabilities move by up to 2e-4 from training's full decode).")
 @click.option("--no-progress", is_flag=True, help="No progress line on stderr.")
 @click.option("-v", "--verbose", is_flag=True)
+@command("covidct-batch", interrupted="interrupted; parts already written are kept, rerun to resume")
 def main(inputs, model, out, from_list, overwrite, batch_size, num_cpus, predictors, inference_threads,
          max_in_flight, rows_per_part, device, runtime, precision, address, allow_unauthenticated_cluster, group_by, top_k, pseudonymize,
          thumbnails, fast_jpeg, no_progress, verbose):
@@ -66,11 +66,11 @@ def main(inputs, model, out, from_list, overwrite, batch_size, num_cpus, predict
     Exit codes: 0 every file ok or skipped; 1 finished, some files are error rows;
     2 nothing done (bad options, no model, broken contract, Ray unreachable, OUT in use by another run,
     no file found under the inputs);
-    3 stopped because a part could not be written (disk full): earlier parts intact; 130 interrupted.
+    3 stopped because a part could not be written (disk full): earlier parts intact; 70 internal error
+    (a bug); 130 interrupted (Ctrl-C, SIGTERM).
     """
     setup_logging(verbose)
-    signal.signal(signal.SIGTERM, _terminated)  # schedulers stop jobs with SIGTERM: end like Ctrl-C
-    from .pipeline import EXIT_BAD_RUN, EXIT_INTERRUPTED, EXIT_OUTPUT_FAILED, OutputError, RunError, ScreenConfig, run
+    from .pipeline import OutputError, RunError, ScreenConfig, run
 
     opts = {"batch_size": batch_size, "num_cpus": num_cpus, "predictors": predictors,
             "inference_threads": inference_threads, "max_in_flight": max_in_flight, "rows_per_part": rows_per_part,
@@ -80,9 +80,8 @@ def main(inputs, model, out, from_list, overwrite, batch_size, num_cpus, predict
         import os
         key = os.environ.get("COVIDCT_PSEUDONYM_KEY")
         if not key:
-            click.echo("covidct-batch: error: --pseudonymize needs the key in $COVIDCT_PSEUDONYM_KEY "
-                       "(keep it secret and reuse it for comparable pseudonyms)", err=True)
-            sys.exit(2)
+            raise CommandError("--pseudonymize needs the key in $COVIDCT_PSEUDONYM_KEY "
+                               "(keep it secret and reuse it for comparable pseudonyms)")
     try:
         cfg = ScreenConfig(inputs=tuple(inputs), model=model, out=out, from_list=from_list, overwrite=overwrite,
                            device=device, runtime=runtime, precision=precision, address=address, progress=not no_progress, group_by=group_by,
@@ -91,21 +90,12 @@ def main(inputs, model, out, from_list, overwrite, batch_size, num_cpus, predict
                            **{k: v for k, v in opts.items() if v is not None})
         summary = run(cfg)
     except RunError as e:
-        click.echo(f"covidct-batch: error: {e}", err=True)
-        sys.exit(EXIT_BAD_RUN)
+        raise CommandError(str(e), Exit.BAD_INPUT) from None
     except OutputError as e:
-        click.echo(f"covidct-batch: error: {e}. Every part written before is intact; free space (or fix "
-                   "OUT_DIR) and rerun the same command to resume", err=True)
-        sys.exit(EXIT_OUTPUT_FAILED)
-    except KeyboardInterrupt:
-        click.echo("covidct-batch: interrupted; parts already written are kept, rerun to resume", err=True)
-        sys.exit(EXIT_INTERRUPTED)
+        raise CommandError(f"{e}. Every part written before is intact; free space (or fix OUT_DIR) and rerun the "
+                           "same command to resume", Exit.OUTPUT_FAILED) from None
     click.echo(format_summary(summary.run, out))
-    sys.exit(summary.exit_code)
-
-
-def _terminated(signum, frame):
-    raise KeyboardInterrupt
+    return summary.exit_code
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -114,6 +104,7 @@ def _terminated(signum, frame):
 @click.option("--group-by", default="<from run.json>",
               help="Study grouping for non-DICOM files: 'parent', a regex, or 'none' (default: the run's).")
 @click.option("-v", "--verbose", is_flag=True)
+@command("covidct-report")
 def report_main(out, top_k, group_by, verbose):
     """Rebuild OUT/studies.parquet and OUT/report.html from OUT alone (its parts and run.json).
 
@@ -128,11 +119,9 @@ def report_main(out, top_k, group_by, verbose):
     if group_by != "<from run.json>":
         problem = check_group_by(group_by)
         if problem:
-            click.echo(f"covidct-report: error: --group-by {group_by!r}: {problem}", err=True)
-            sys.exit(2)
+            raise CommandError(f"--group-by {group_by!r}: {problem}")
     if not (out / RUN).is_file():
-        click.echo(f"covidct-report: error: {out / RUN} does not exist: not a covidct-batch OUT_DIR", err=True)
-        sys.exit(2)
+        raise CommandError(f"{out / RUN} does not exist: not a covidct-batch OUT_DIR")
     import json
 
     from .lock import LockedError, OutDirLock
@@ -140,15 +129,12 @@ def report_main(out, top_k, group_by, verbose):
     try:
         json.loads((out / RUN).read_text())["model"]["sha256"]
     except (ValueError, KeyError, TypeError, OSError) as e:
-        click.echo(f"covidct-report: error: {out / RUN} is not a covidct-batch run record ({type(e).__name__}); "
-                   "rerun covidct-batch with the same OUT_DIR and model to write it again (the parts are kept)",
-                   err=True)
-        sys.exit(2)
+        raise CommandError(f"{out / RUN} is not a covidct-batch run record ({type(e).__name__}); rerun covidct-batch "
+                           "with the same OUT_DIR and model to write it again (the parts are kept)") from None
     try:  # it writes what a run writes (run.json, studies.parquet, report.html): never beside a live run
         lock = OutDirLock(out).acquire()
     except LockedError as e:
-        click.echo(f"covidct-report: error: {e}; run covidct-report once that run has ended", err=True)
-        sys.exit(2)
+        raise CommandError(f"{e}; run covidct-report once that run has ended") from None
     from .sink import PREDICTIONS, set_aside_damaged
     for d in set_aside_damaged(out / PREDICTIONS):
         click.echo(f"covidct-report: set aside {d['part']}: {d['reason']} (moved to {d['moved_to']}); rerun "
@@ -156,8 +142,7 @@ def report_main(out, top_k, group_by, verbose):
     try:
         st = build_report(out, top_k, group_by)["studies"]
     except OutputError as e:
-        click.echo(f"covidct-report: error: {e}", err=True)
-        sys.exit(3)
+        raise CommandError(str(e), Exit.OUTPUT_FAILED) from None
     finally:
         lock.release()
     click.echo(f"studies: {st['flagged']} flagged of {st['studies']} ({st['rule']}); "

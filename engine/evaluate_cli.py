@@ -7,6 +7,7 @@ from pathlib import Path
 
 import click
 
+from .exits import CommandError, Exit, command
 from .logs import setup_logging
 from .runtimes import DEVICES
 
@@ -31,17 +32,19 @@ from .runtimes import DEVICES
 @click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True)
 @click.option("--no-progress", is_flag=True, help="No progress line on stderr.")
 @click.option("-v", "--verbose", is_flag=True)
+@command("covidct-evaluate")
 def main(model, data_dir, out, positive, target_sensitivity, calibrate, calibrated_out, batch_size, num_cpus, address,
          device, no_progress, verbose):
     """Check MODEL on labelled slices in DATA_DIR (one sub-folder per class, as for covidct-train).
 
     Exit codes: 0 evaluated; 1 evaluated, some files unreadable (listed); 2 nothing evaluated
-    (bad model, bad folders, one class only) or --calibrate refused (too few slices, not lung CT).
+    (bad model, bad folders, one class only) or --calibrate refused (too few slices, not lung CT);
+    70 internal error (a bug); 130 interrupted.
     """
     setup_logging(verbose)
     from .evaluate import CalibrationRefused, EvaluateConfig, evaluate, format_report
     from .labels import DataError
-    from .pipeline import EXIT_BAD_RUN, EXIT_INTERRUPTED, RunError
+    from .pipeline import RunError
 
     out = out or Path(f"evaluation-{Path(data_dir).resolve().name}")
     try:
@@ -51,16 +54,12 @@ def main(model, data_dir, out, positive, target_sensitivity, calibrate, calibrat
                                          progress=not no_progress, calibrate=calibrate,
                                          calibrated_out=calibrated_out))
     except CalibrationRefused as e:
-        click.echo(f"covidct-evaluate: --calibrate refused: {e}", err=True)
-        sys.exit(EXIT_BAD_RUN)
+        print(f"covidct-evaluate: --calibrate refused: {e}", file=sys.stderr)
+        return Exit.BAD_INPUT
     except (RunError, DataError) as e:
-        click.echo(f"covidct-evaluate: error: {e}", err=True)
-        sys.exit(EXIT_BAD_RUN)
-    except KeyboardInterrupt:
-        click.echo("covidct-evaluate: interrupted", err=True)
-        sys.exit(EXIT_INTERRUPTED)
+        raise CommandError(str(e)) from None
     click.echo(format_report(report, out))
-    sys.exit(1 if report["files"]["unreadable"] else 0)
+    return Exit.FILE_ERRORS if report["files"]["unreadable"] else Exit.OK
 
 
 if __name__ == "__main__":

@@ -32,6 +32,7 @@ import numpy as np
 from . import __version__
 from .contract import DISCLAIMER, Contract, ContractError, read_contract, sha256_file
 from .decode import MAX_PIXELS
+from .exits import Exit
 from .lock import LockedError, OutDirLock
 from .privacy import shown_path
 from .reasons import INTERNAL
@@ -49,11 +50,12 @@ from .workers import PredictorActor, decode_batch
 log = logging.getLogger(__name__)
 
 #: Exit codes of covidct-batch (documented in the README).
-EXIT_OK = 0           # every file ok or skipped
-EXIT_FILE_ERRORS = 1  # the run completed; some files are error rows (this run's or still current in OUT_DIR)
-EXIT_BAD_RUN = 2      # nothing done: bad options, no model, broken contract, Ray unreachable, OUT_DIR in use
-EXIT_OUTPUT_FAILED = 3  # stopped: a part could not be written (disk full); earlier parts intact, rerun to resume
-EXIT_INTERRUPTED = 130
+# covidct-batch's exit codes, from the one table of every command (engine.exits)
+EXIT_OK = Exit.OK                        # every file ok or skipped
+EXIT_FILE_ERRORS = Exit.FILE_ERRORS      # the run completed; some files are error rows (this run's or still current)
+EXIT_BAD_RUN = Exit.BAD_INPUT            # nothing done: bad options, no model, broken contract, Ray unreachable, ...
+EXIT_OUTPUT_FAILED = Exit.OUTPUT_FAILED  # stopped: a part could not be written (disk full); rerun to resume
+EXIT_INTERRUPTED = Exit.INTERRUPTED
 
 
 class RunError(RuntimeError):

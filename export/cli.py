@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import click
 
+from engine.exits import CommandError, Exit, command
 from engine.logs import setup_logging
 
 
@@ -16,17 +16,24 @@ from engine.logs import setup_logging
               help="Where to write the ONNX model (written only after it passes validation).")
 @click.option("--int8", is_flag=True, help="Also write a static INT8 (QDQ) model beside it, as NAME.int8.onnx.")
 @click.option("-v", "--verbose", is_flag=True)
+@command("covidct-export")
 def main(run_dir, out, int8, verbose):
-    """Export the model of a covidct-train RUN_DIR to ONNX, validated against Keras."""
+    """Export the model of a covidct-train RUN_DIR to ONNX, validated against Keras.
+
+    Exit codes: 0 written; 2 RUN_DIR is not a run directory or its model changed since training; 4 the ONNX
+    model failed validation against Keras (or the INT8 twin its checks): nothing written; 70 internal error
+    (a bug); 130 interrupted.
+    """
     setup_logging(verbose)
     from .exporter import ExportConfig, export
-    from .validate import ExportValidationError
+    from .validate import ExportInputError, ExportValidationError
 
     try:
         report = export(ExportConfig(run_dir=run_dir, out=out, int8=int8))
+    except ExportInputError as e:
+        raise CommandError(str(e), Exit.BAD_INPUT) from None
     except ExportValidationError as e:
-        click.echo(f"covidct-export: error: {e}", err=True)
-        sys.exit(1)
+        raise CommandError(str(e), Exit.VALIDATION_FAILED) from None
     p = report["parity"]
     click.echo(f"wrote {out}: parity over {p['n_images']} real images, max |keras - onnx| "
                + ", ".join(f"batch {b}: {p[f'max_abs_diff_batch{b}']:.2e}" for b in p["batch_sizes"])

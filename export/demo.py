@@ -7,13 +7,13 @@ library functions as the commands.
 
 from __future__ import annotations
 
-import sys
 import time
 from pathlib import Path
 
 import click
 
 from engine.contract import DISCLAIMER
+from engine.exits import Exit, command
 from engine.logs import setup_logging
 
 
@@ -21,6 +21,7 @@ from engine.logs import setup_logging
 @click.option("--out", default="demo-run", show_default=True, type=click.Path(file_okay=False, path_type=Path))
 @click.option("--n", default=120, show_default=True, type=click.IntRange(30), help="Training images per class.")
 @click.option("--epochs", default=12, show_default=True, type=click.IntRange(1))
+@command("covidct-demo")
 def main(out: Path, n: int, epochs: int):
     """Run train -> export -> screen end to end on a synthetic sample, locally, on the CPU."""
     setup_logging()
@@ -55,7 +56,7 @@ def main(out: Path, n: int, epochs: int):
                    "and size, as another scanner would make it; that is what the shift alarm reports)")
     click.echo(f"demo finished in {time.time() - t0:.0f} s; outputs under {out}")
     click.echo(DISCLAIMER)
-    sys.exit(0 if result.counts["ok"] else 1)
+    return Exit.OK if result.counts["ok"] else Exit.FILE_ERRORS
 
 
 if __name__ == "__main__":

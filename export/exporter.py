@@ -19,7 +19,7 @@ from train.data import read_split
 from train.fit import CONTRACT_FILE, MODEL_FILE, SPLIT_FILE
 
 from .convert import keras_to_onnx
-from .validate import ExportValidationError, compare, structural_problems, validate
+from .validate import ExportInputError, ExportValidationError, compare, structural_problems, validate
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +37,7 @@ class ExportConfig:
     def __post_init__(self):
         missing = [n for n in (MODEL_FILE, CONTRACT_FILE, SPLIT_FILE) if not (Path(self.run_dir) / n).is_file()]
         if missing:
-            raise ExportValidationError(f"{self.run_dir} is not a covidct-train run directory: missing {missing}")
+            raise ExportInputError(f"{self.run_dir} is not a covidct-train run directory: missing {missing}")
 
     @property
     def int8_out(self) -> Path:
@@ -113,7 +113,7 @@ def export(cfg: ExportConfig) -> dict:
     contract = Contract.from_json((run / CONTRACT_FILE).read_text())
     actual = sha256_file(run / MODEL_FILE)
     if contract.source_sha256 != actual:
-        raise ExportValidationError(f"{run / MODEL_FILE} changed since training (sha256 {actual[:12]} != "
+        raise ExportInputError(f"{run / MODEL_FILE} changed since training (sha256 {actual[:12]} != "
                                     f"contract {contract.source_sha256[:12]}): train again")
     model = load_trained(run / MODEL_FILE, contract.image_size, contract.architecture or "seed")
     rows = read_split(run / SPLIT_FILE)

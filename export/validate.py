@@ -22,6 +22,10 @@ class ExportValidationError(RuntimeError):
     """The exported model failed a check; it was not written."""
 
 
+class ExportInputError(ExportValidationError):
+    """What was given to export is not exportable (not a run directory, a model changed since training)."""
+
+
 def structural_problems(proto, contract: Contract) -> list[str]:
     import onnx
 

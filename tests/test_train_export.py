@@ -92,7 +92,7 @@ def test_export_refuses_a_model_changed_after_training(trained_run, tmp_path):
     with open(run / "model.keras", "ab") as f:
         f.write(b"tampered")
     r = run_cli("covidct-export", run, "--out", run / "m.onnx")
-    assert r.returncode == 1 and "changed since training" in r.stderr
+    assert r.returncode == 2 and "changed since training" in r.stderr  # bad input (engine.exits)
     assert not (run / "m.onnx").exists()
 
 

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import click
 
 from engine.contract import DISCLAIMER
+from engine.exits import CommandError, Exit, command
 from engine.logs import setup_logging
 
 
@@ -44,6 +44,7 @@ from engine.logs import setup_logging
 @click.option("--target-sensitivity", type=click.FloatRange(0, 1, min_open=True), default=None,
               help="Validation sensitivity the operating threshold must reach (default 0.95; --init: the model's).")
 @click.option("-v", "--verbose", is_flag=True)
+@command("covidct-train")
 def main(site_dirs, out, named_sites, leave_one_site_out, site_norm, init, adapt_method, positive, groups, arch, preprocessing,
          epochs, image_size, learning_rate, site_augmentation, batch_size, seed, target_sensitivity, verbose):
     """Train the COVID-19 CT slice classifier on one or more sites (SITE_DIRS, each one sub-folder per class),
@@ -61,8 +62,7 @@ def main(site_dirs, out, named_sites, leave_one_site_out, site_norm, init, adapt
             metrics, text = _train(site_dirs, named_sites, out, leave_one_site_out, positive, groups, arch,
                                    preprocessing, image_size, {**opts, "site_norm": site_norm or None})
     except (DataError, ValueError) as e:
-        click.echo(f"covidct-train: error: {e}", err=True)
-        sys.exit(2)
+        raise CommandError(str(e), Exit.BAD_INPUT) from None
     click.echo(text)
     click.echo(f"run directory: {out}")
     click.echo(DISCLAIMER)
