@@ -35,6 +35,14 @@ class CommandError(Exception):
         self.code = Exit(code)
 
 
+class RunError(CommandError):
+    """A run that cannot start (bad options, no model, broken contract, Ray unreachable, OUT_DIR in use): exit 2,
+    before any work."""
+
+    def __init__(self, message: str):
+        super().__init__(message, Exit.BAD_INPUT)
+
+
 def _terminated(signum, frame):
     raise KeyboardInterrupt
 
@@ -65,4 +73,4 @@ def command(name: str, interrupted: str = "interrupted; what was written is kept
     return wrap
 
 
-__all__ = ["Exit", "CommandError", "command"]
+__all__ = ["Exit", "CommandError", "RunError", "command"]

@@ -102,7 +102,10 @@ def state_note(state: str | None) -> str:
 def write_report(out: Path, run: dict, rows) -> Path:
     """Render the report from run.json's record, the current rows (a ``studies.Rows``),
     studies.parquet and the thumbnails of the studies shown. Memory does not grow with rows:
-    every figure is a query, and at most MAX_FLAGGED studies are read from studies.parquet."""
+    every figure is a query, and at most MAX_FLAGGED studies are read from studies.parquet.
+
+    Longer than most functions here on purpose: it is the page from top to bottom, one block per
+    section (header, counts, shift alarm, flagged studies or files, throughput), read in order."""
     out = Path(out)
     sha = run["model"]["sha256"]
     thr = float(run["model"]["contract"]["threshold"])
