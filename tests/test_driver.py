@@ -13,7 +13,7 @@ import pytest
 from engine.contract import Contract
 from engine.driver import BatchFailed, Driver, RunContext
 from engine.exits import Exit
-from engine.pipeline import ScreenConfig
+from engine.pipeline import ScreenConfig, _chunks
 from engine.rows import Row, Status
 from engine.sink import DoneIndex, PartWriter
 from tests.conftest import read_rows
@@ -94,16 +94,7 @@ def _files(root: Path, n: int) -> list[Path]:
 
 
 def _batches(size):
-    def group(admitted):
-        batch = []
-        for x in admitted:
-            batch.append(x)
-            if len(batch) == size:
-                yield batch
-                batch = []
-        if batch:
-            yield batch
-    return group
+    return lambda admitted: _chunks(admitted, size)
 
 
 def test_each_file_once_however_it_is_named_and_dispatch_to_the_least_busy(tmp_path):
