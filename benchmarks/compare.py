@@ -350,56 +350,77 @@ def markdown(report: dict) -> str:
 
 
 def targets(report: dict) -> list[dict]:
+    """Every target of the performance issue with its figure from this run and whether it is met."""
     res = []
     flags = report["machine"]["cpu_flags"]
     vnni = any(f in flags for f in ("avx512_vnni", "avx_vnni", "amx_int8"))
+    n = report["n"]
+
+    def add(target, value, met):
+        res.append({"target": target, "measured": round(value, 3) if isinstance(value, float) else value, "met": met})
+
     for arch, rows in report["by_arch"].items():
         def get(name, precision="fp32"):
             return next((r for r in rows if r["name"] == name and r["precision"] == precision), None)
-        ceil, b = get("ceiling"), get("covidct-batch")
-        # peers that compute the model's inputs by its contract, then the seeds' script as they ran it
-        peers = [r for r in (get("keras_contract"), get("ray_data"), get("plain_loop")) if r]
-        best = max(peers, key=lambda r: r["end_to_end_images_per_s"])
-        v = b["end_to_end_images_per_s"] / best["end_to_end_images_per_s"]
-        res.append({"target": f"[{arch}] end to end >= 1.0 x the best peer at FP32 making the contract's inputs "
-                              f"({best['name']})", "measured": round(v, 3), "met": v >= 1.0})
-        seeds = get("seeds_way")
-        if seeds:
-            v = b["end_to_end_images_per_s"] / seeds["end_to_end_images_per_s"]
-            res.append({"target": f"[{arch}] end to end >= 1.0 x the seeds' way as they ran it (TensorFlow's reader "
-                                  "and resize: no lung-crop)", "measured": round(v, 3), "met": v >= 1.0})
-        v = b["images_per_s"] / ceil["images_per_s"]
-        res.append({"target": f"[{arch}] steady state >= 0.90 x the FP32 ceiling ({ceil.get('runtime')}, inference "
-                              "alone on decoded tensors)", "measured": round(v, 3), "met": v >= 0.90})
-        loops = get("per_core_loops")
-        if loops:
-            v = b["images_per_s"] / loops["images_per_s"]
-            res.append({"target": f"[{arch}] steady state >= 0.90 x the ceiling with decoding (per-core loops, "
-                                  f"{loops.get('runtime')})", "measured": round(v, 3), "met": v >= 0.90})
-        q, pq = get("covidct-batch", "int8"), get("plain_loop", "int8")
+
+        def e2e(r):
+            return r["end_to_end_images_per_s"]
+
+        b = get("covidct-batch")
+        for precision in ("fp32", "int8", "bf16"):
+            ours, loops = get("covidct-batch", precision), get("per_core_loops", precision)
+            if ours and loops:
+                v = ours["images_per_s"] / loops["images_per_s"]
+                add(f"[{arch}] steady >= 0.90 x the per-core loops at {precision.upper()}", v, v >= 0.90)
+                v = e2e(ours) / e2e(loops)
+                add(f"[{arch}] end to end >= 0.85 x the per-core loops at {precision.upper()} ({n:,} slices; the "
+                    "issue asks 20,000)", v, v >= 0.85)
+        for name in ("seeds_way", "plain_loop", "ray_data"):
+            peer = get(name)
+            if peer:
+                v = e2e(b) / e2e(peer)
+                add(f"[{arch}] end to end FP32 >= 1.5 x {name} (floor; aim 1.0 x the per-core loops)", v, v >= 1.5)
+        fast = max((r for r in rows if r["name"] == "covidct-batch"), key=e2e)
+        peer = get("plain_loop", fast["precision"]) or get("plain_loop")
+        v = e2e(fast) / e2e(peer)
+        add(f"[{arch}] end to end at the fastest precision ({fast['precision'].upper()}) >= 1.5 x the plain loop at "
+            f"{peer['precision'].upper()}", v, v >= 1.5)
+        q = get("covidct-batch", "int8")
         if q:
-            v = q["images_per_s"] / b["images_per_s"]
-            res.append({"target": f"[{arch}] INT8 >= 1.8 x FP32 steady (on a VNNI CPU)", "measured": round(v, 3),
-                        "met": (v >= 1.8) if vnni else f"not applicable: no VNNI ({'yes' if v > 1 else 'no'}: "
-                                                         "faster than FP32)"})
             if q["precision"] != "int8":
-                res[-1]["measured"] = f"fell back to {q['precision']}"
-        if q and pq:
-            v = q["end_to_end_images_per_s"] / pq["end_to_end_images_per_s"]
-            res.append({"target": f"[{arch}] INT8 end to end >= 1.0 x the plain loop at INT8", "measured": round(v, 3),
-                        "met": v >= 1.0})
-        res.append({"target": f"[{arch}] first row on disk <= 1.5 s after the Ray runtime is up",
-                    "measured": b["startup_s"], "met": b["startup_s"] is not None and b["startup_s"] <= 1.5})
+                add(f"[{arch}] INT8 end to end >= 2.0 x FP32 end to end (VNNI/AMX CPU)", f"fell back to {q['precision']}",
+                    False)
+            else:
+                v = e2e(q) / e2e(b)
+                add(f"[{arch}] INT8 end to end >= 2.0 x FP32 end to end (VNNI/AMX CPU)", v,
+                    (v >= 2.0) if vnni else f"not applicable: no VNNI ({v:.2f})")
+                v = q["images_per_s"] / b["images_per_s"]
+                add(f"[{arch}] INT8 steady >= 1.8 x FP32 steady (VNNI CPU)", v,
+                    (v >= 1.8) if vnni else f"not applicable: no VNNI ({v:.2f})")
+        plain = get("plain_loop")
+        if plain:
+            v = b["peak_rss_mb"] / plain["peak_rss_mb"]
+            add(f"[{arch}] peak RSS (all processes, Ray's included) <= 3 x the plain loop's", v, v <= 3.0)
+        add(f"[{arch}] first row on disk <= 1.5 s after the Ray runtime is up", b["startup_s"],
+            b["startup_s"] is not None and b["startup_s"] <= 1.5)
     if report.get("rss"):
         r = report["rss"]
-        res.append({"target": "peak RSS at 50,000 <= 1.2 x at 5,000 images", "measured": round(r["ratio"], 3),
-                    "met": r["ratio"] <= 1.2})
+        add("peak RSS at 50,000 <= 1.2 x at 5,000 images", r["ratio"], r["ratio"] <= 1.2)
     for a in (report.get("agreement") or {}).get("rows", []):
         auc = a["by_set"].get("test split", {}).get("auc_difference")
-        res.append({"target": f"{a['runtime']} {a['precision']}: labels >= 99% equal to FP32 on real slices, "
-                              "ROC AUC within 0.005 on the test split",
-                    "measured": f"{a['label_agreement']:.4f} of {a['images']}, {auc}", "met": a["met"]})
+        add(f"{a['runtime']} {a['precision']}: labels >= 99% equal to FP32 on real slices, ROC AUC within 0.005 on "
+            "the test split", f"{a['label_agreement']:.4f} of {a['images']}, {auc}", a["met"])
+    if not report["machine"].get("gpu"):
+        add("GPU (CUDA) path", "unmeasured: no GPU was lent to this session", "not measured")
     return res
+
+
+def rewrite(stem: Path) -> None:
+    """Recompute the targets and the Markdown of a saved report (``stem``.json) without running anything."""
+    report = json.loads(stem.with_suffix(".json").read_text())
+    report["targets"] = targets(report)
+    stem.with_suffix(".json").write_text(json.dumps(report, indent=2, default=str))
+    stem.with_suffix(".md").write_text(markdown(report))
 
 
 def main() -> None:
