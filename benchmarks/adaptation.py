@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from engine.labels import resolve_classes
+from covidct.engine.labels import resolve_classes
 
 RESULTS = Path(__file__).resolve().parent / "results"
 #: UCSD's crops of one paper figure share the file name before ``%N``.

@@ -35,8 +35,8 @@ from pathlib import Path
 
 import numpy as np
 
-from engine.contract import Contract
-from engine.runtimes import cpu_flags, openvino_installed
+from covidct.engine.contract import Contract
+from covidct.engine.runtimes import cpu_flags, openvino_installed
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -120,11 +120,11 @@ def make_model(work: Path, archive: Path, arch: str = "seed", int8: bool = True)
     """A run directory of ``arch`` with random weights (the cost is the same), exported through
     covidct-export, INT8 twin included."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    from engine import __version__
-    from export.exporter import ExportConfig, export
-    from engine.contract import sha256_file
-    from train.fit import ARCH_DEFAULTS, CONTRACT_FILE, MODEL_FILE, SPLIT_FILE
-    from train.model import build_model
+    from covidct.engine import __version__
+    from covidct.export.exporter import ExportConfig, export
+    from covidct.engine.contract import sha256_file
+    from covidct.train.fit import ARCH_DEFAULTS, CONTRACT_FILE, MODEL_FILE, SPLIT_FILE
+    from covidct.train.model import build_model
 
     size = tuple(ARCH_DEFAULTS[arch]["image_size"])  # the size covidct-train gives this architecture
     work = work / arch
@@ -149,7 +149,7 @@ def make_model(work: Path, archive: Path, arch: str = "seed", int8: bool = True)
 
 
 def make_archive(root: Path, n: int, size=(512, 512)) -> Path:
-    from train.synthetic import make_archive as mk
+    from covidct.train.synthetic import make_archive as mk
     marker = root / f".complete-{n}"
     if not marker.exists():
         mk(root, n, seed=0, size=size)
@@ -169,7 +169,7 @@ def machine() -> dict:
     import cv2
     import onnxruntime
     import ray
-    from engine.runtimes import cpu_name
+    from covidct.engine.runtimes import cpu_name
     gpu = None
     try:
         gpu = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
@@ -222,7 +222,7 @@ def covidct_batch(archive: Path, model: Path, out: Path, extra=()) -> dict:
 
 def rss_scaling(work: Path, small: int, large: int) -> dict:
     """Peak RSS of covidct-batch at ``large`` vs ``small`` images, with a tiny model (fast)."""
-    from export.tiny import tiny_model
+    from covidct.export.tiny import tiny_model
     model = tiny_model(work / "tiny.onnx", (256, 256))
     res = {}
     for n in (small, large):
@@ -238,11 +238,11 @@ def agreement_check(run_dir: Path | None, other_site: Path = SHARED / "ucsd-covi
     a covidct-train run (its split.csv, model.onnx and model.int8.onnx) and, where present, every
     slice of another hospital's labelled folders (``other_site``), which neither training nor INT8
     calibration saw. Labels are compared on both together; ROC AUC on each."""
-    from engine.contract import read_contract
-    from engine.labels import resolve_classes
-    from engine.metrics import agreement
-    from engine.runtimes import BF16, BF16_FLAGS, INT8, ONNXRUNTIME, OPENVINO, load
-    from export.exporter import split_images
+    from covidct.engine.contract import read_contract
+    from covidct.engine.labels import resolve_classes
+    from covidct.engine.metrics import agreement
+    from covidct.engine.runtimes import BF16, BF16_FLAGS, INT8, ONNXRUNTIME, OPENVINO, load
+    from covidct.export.exporter import split_images
 
     if run_dir is None or not (run_dir / "model.onnx").is_file() or not (run_dir / "split.csv").is_file():
         return None

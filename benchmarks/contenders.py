@@ -18,8 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-from engine.contract import read_contract
-from engine.decode import decode_file
+from covidct.engine.contract import read_contract
+from covidct.engine.decode import decode_file
 
 
 def list_images(archive: Path) -> list[str]:
@@ -44,7 +44,7 @@ def _lat(per_image_ms: list[float]) -> dict:
 def ceiling(args) -> dict:
     """The fastest runtime the project ships, alone on already-decoded uint8 tensors, all cores, best
     of batch sizes. ``--precision`` bf16 runs OpenVINO's BF16 hint on the FP32 file."""
-    from engine.runtimes import BF16, ONNXRUNTIME, OPENVINO, load, openvino_installed
+    from covidct.engine.runtimes import BF16, ONNXRUNTIME, OPENVINO, load, openvino_installed
 
     c = read_contract(args.model)
     paths = list_images(args.archive)[: args.ceiling_images]
@@ -73,7 +73,7 @@ def ceiling(args) -> dict:
 def plain_loop(args) -> dict:
     """One process: cv2 decode+resize, then the model in batches of 32 (ONNX Runtime unless ``--runtime``);
     ``--shard K/N`` takes every N-th file from the K-th."""
-    from engine.runtimes import load
+    from covidct.engine.runtimes import load
 
     c = read_contract(args.model)
     t_start = time.perf_counter()
@@ -142,7 +142,7 @@ def _predict_all(model, ds, t_start: float) -> dict:
 
 def _keras_model(args):
     """(the trained Keras model of ``--keras``, the ONNX model's contract)."""
-    from train.model import load_trained
+    from covidct.train.model import load_trained
 
     c = read_contract(args.model)
     return load_trained(Path(args.keras) / "model.keras", c.image_size, c.architecture or "seed"), c

@@ -30,11 +30,11 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from engine.contract import INTERPOLATIONS, LUNG_WINDOW
-from engine.decode import decode_grey_frames, decode_inputs, read_file, sniff
-from engine.preprocess import _shrink, default_spec, find_body_and_lungs, lung_crop
-from engine.runtimes import cpu_flags, cpu_name
-from engine.shift import slice_stats
+from covidct.engine.contract import INTERPOLATIONS, LUNG_WINDOW
+from covidct.engine.decode import decode_grey_frames, decode_inputs, read_file, sniff
+from covidct.engine.preprocess import _shrink, default_spec, find_body_and_lungs, lung_crop
+from covidct.engine.runtimes import cpu_flags, cpu_name
+from covidct.engine.shift import slice_stats
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -103,7 +103,7 @@ def measure_set(paths: list[Path], **kw) -> dict:
 
 
 def sets(n: int, work: Path) -> dict[str, list[Path]]:
-    from train.synthetic import make_archive
+    from covidct.train.synthetic import make_archive
 
     found = {"CT-like 512x512 JPEG (synthetic)": make_archive(work / "jpeg", n, seed=0, size=(512, 512))}
     for name in ("sarscov2-ct-subset", "ucsd-covid-ct"):

@@ -28,10 +28,10 @@ def model_costs(repeats: int = 7) -> list[dict]:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     import onnxruntime as ort
 
-    from engine.contract import Contract
-    from export.convert import keras_to_onnx
-    from train.fit import ARCH_DEFAULTS
-    from train.model import build_model
+    from covidct.engine.contract import Contract
+    from covidct.export.convert import keras_to_onnx
+    from covidct.train.fit import ARCH_DEFAULTS
+    from covidct.train.model import build_model
 
     rows = []
     for arch in ("seed", "compact"):
@@ -58,21 +58,21 @@ def _slices(limit: int) -> tuple[list[bytes], str]:
     if files:
         step = max(1, len(files) // limit)
         return [p.read_bytes() for p in files[::step][:limit]], f"{min(limit, len(files))} real slices from {SHARED}"
-    from train.synthetic import phantom
+    from covidct.train.synthetic import phantom
     rng = np.random.default_rng(0)
     return ([cv2.imencode(".png", phantom(rng, bool(k % 2), (360, 480)))[1].tobytes() for k in range(limit)],
             f"{limit} synthetic phantoms (no ../shared/data)")
 
 
 def preprocessing_cost(limit: int = 400, rounds: int = 5, size=(192, 192)) -> dict:
-    from engine.decode import decode_grey_frames, resize
-    from engine.preprocess import default_spec
+    from covidct.engine.decode import decode_grey_frames, resize
+    from covidct.engine.preprocess import default_spec
 
     cv2.setNumThreads(1)  # one core, as in a decode task
     data, source = _slices(limit)
     greys = [decode_grey_frames(d)[0][0] for d in data]
-    from engine.preprocess import preprocess
-    from engine.shift import slice_stats
+    from covidct.engine.preprocess import preprocess
+    from covidct.engine.shift import slice_stats
 
     spec = default_spec()
     framed = [preprocess(g, size, cv2.INTER_AREA, spec) for g in greys]

@@ -27,9 +27,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from engine.runtimes import cpu_flags
-from engine.shift import STATS, Histograms
-from engine.sink import PREDICTIONS, SCHEMA
+from covidct.engine.runtimes import cpu_flags
+from covidct.engine.shift import STATS, Histograms
+from covidct.engine.sink import PREDICTIONS, SCHEMA
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SHA = "ab" * 32
@@ -103,7 +103,7 @@ def make_out_dir(out: Path, rows: int, part_rows: int = 200_000, seed: int = 0) 
 
 
 def child(out: Path) -> None:
-    from engine.report import build_report
+    from covidct.engine.report import build_report
 
     t = time.perf_counter()
     st = build_report(out)

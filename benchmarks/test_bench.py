@@ -17,16 +17,16 @@ import cv2
 import numpy as np
 import pytest
 
-from engine.decode import decode_and_resize, decode_file
+from covidct.engine.decode import decode_and_resize, decode_file
 from benchmarks.compare import best_of
-from export.tiny import tiny_model
+from covidct.export.tiny import tiny_model
 
 SIZE = (256, 256)
 
 
 @pytest.fixture(scope="module")
 def jpeg512() -> bytes:
-    from train.synthetic import phantom
+    from covidct.train.synthetic import phantom
     img = phantom(np.random.default_rng(0), positive=True, size=(512, 512))
     return cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, 90])[1].tobytes()
 
@@ -52,7 +52,7 @@ INPUT_PATH_BOUND = {"jpeg": 3.0, "png": 2.0}
 
 def test_input_path_against_the_decoder_alone(benchmark, tmp_path):
     from benchmarks.decode_path import measure_file
-    from train.synthetic import make_archive
+    from covidct.train.synthetic import make_archive
 
     files = {"jpeg": make_archive(tmp_path / "ct", 3, size=(512, 512))}
     shared = Path(__file__).resolve().parents[2] / "shared" / "data" / "sarscov2-ct-subset"
@@ -75,7 +75,7 @@ def test_predictor_batch(benchmark, default_arch_models):
     """The default model in batches of 32 costs no more per image than one call per image (10% allowed for
     noise), timed interleaved here: whether batching wins outright depends on the CPU (on an AVX-512/AMX
     machine a toy model ran faster one image at a time), so only "never worse" is held."""
-    from engine.predictor import Predictor
+    from covidct.engine.predictor import Predictor
 
     fp32, size = default_arch_models
     p = Predictor(str(fp32), threads=1, device="cpu")
@@ -92,7 +92,7 @@ def test_predictor_batch(benchmark, default_arch_models):
 
 
 def test_small_end_to_end(benchmark, tmp_path):
-    from train.synthetic import make_archive
+    from covidct.train.synthetic import make_archive
 
     paths = make_archive(tmp_path / "arch", 400, size=(256, 256), per_folder=100)
     model = tiny_model(tmp_path / "m.onnx", SIZE)
@@ -110,7 +110,7 @@ def test_small_end_to_end(benchmark, tmp_path):
                                 image_size=list(SIZE))
     assert run["counts"]["ok"] == len(paths)
     # the same files through a plain loop (decode + the same model), timed in this test
-    from engine.predictor import Predictor
+    from covidct.engine.predictor import Predictor
     pred = Predictor(str(model), threads=1, device="cpu")
     t = time.perf_counter()
     for i in range(0, len(paths), 32):
@@ -140,7 +140,7 @@ def test_lung_crop_and_shift_statistics_cost_little_beside_decoding(benchmark, d
     decode + lung-crop alone they took 1.5-2.0% on the AVX2 machine and 2.2% on the AVX-512/AMX one, whose
     decoding is faster: that share is recorded, not held."""
     from benchmarks.model_cost import preprocessing_cost
-    from engine.predictor import Predictor
+    from covidct.engine.predictor import Predictor
 
     fp32, size = default_arch_models
     p = Predictor(str(fp32), threads=1, device="cpu")
@@ -166,13 +166,13 @@ def default_arch_models(tmp_path_factory):
     written by covidct-export's converter and quantizer."""
     import onnx
 
-    from engine.contract import Contract
-    from engine.runtimes import int8_twin
-    from export.convert import keras_to_onnx
-    from export.quantize import quantize_int8
-    from train.fit import ARCH_DEFAULTS
-    from train.model import build_model
-    from train.synthetic import phantom
+    from covidct.engine.contract import Contract
+    from covidct.engine.runtimes import int8_twin
+    from covidct.export.convert import keras_to_onnx
+    from covidct.export.quantize import quantize_int8
+    from covidct.train.fit import ARCH_DEFAULTS
+    from covidct.train.model import build_model
+    from covidct.train.synthetic import phantom
 
     size = tuple(ARCH_DEFAULTS["compact"]["image_size"])
     contract = Contract(image_size=size, class_names=("neg", "pos"), positive_class="pos", threshold=0.5,
@@ -192,7 +192,7 @@ def test_runtime_choice_is_never_slower_than_onnxruntime_fp32(benchmark, default
     """Issue 10: whatever ``--runtime auto`` picks (runtime and, for ``--precision int8``, INT8 or the
     FP32 fallback), it runs the default model's batch at least as fast as ONNX Runtime FP32 does,
     timed interleaved in this test (10% allowed for a shared machine's noise)."""
-    from engine import runtimes
+    from covidct.engine import runtimes
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))  # measure now, not a cached choice
     fp32, size = default_arch_models

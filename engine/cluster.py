@@ -22,7 +22,7 @@ from .exits import RunError
 if TYPE_CHECKING:
     from .pipeline import ScreenConfig
 
-log = logging.getLogger("engine.pipeline")
+log = logging.getLogger("covidct.engine.pipeline")
 
 
 def check_auth_mode(cfg: ScreenConfig) -> None:

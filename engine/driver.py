@@ -43,7 +43,7 @@ from .sink import KeySet, OutputError, file_key, row_key
 from .sources import iter_inputs
 from .stats import Progress, Reservoir
 
-log = logging.getLogger("engine.pipeline")
+log = logging.getLogger("covidct.engine.pipeline")
 
 STAGES = ("read_ms", "decode_ms", "infer_ms", "batch_latency_ms")
 
@@ -136,7 +136,7 @@ class Tally:
     def add(self, rows: Iterable[Row]) -> None:
         s = self.summary
         for r in rows:
-            s.counts[str(r.status)] += 1
+            s.counts[Status(r.status)] += 1
             if r.status == Status.OK:
                 s.labels[r.label] += 1
                 self.shift.add({k: getattr(r, k) for k in STATS} if r.input_detail is not None else None,
@@ -257,7 +257,7 @@ class Driver:
                 self.pool.start(self.pool.total)
         a = self.admission
         self.progress.update(self.tally.rows, a.total - self.summary.already_done if a.finished else None,
-                             self.summary.counts["error"])
+                             self.summary.counts[Status.ERROR])
 
     def record(self, state: str) -> dict:
         return {"state": state, **run_record(self.ctx, self.plan, self.providers, self.summary, self.tally.stages,
@@ -283,7 +283,7 @@ class Driver:
                      self.plan["inference_threads"], self.summary.provider or "-", time.monotonic() - self.ctx.t_start)
             self.writer.flush()
         except (OutputError, KeyboardInterrupt) as e:
-            self.progress.update(self.tally.rows, None, self.summary.counts["error"], force=True)
+            self.progress.update(self.tally.rows, None, self.summary.counts[Status.ERROR], force=True)
             with contextlib.suppress(OSError, OutputError):  # the disk may be full: the record is best effort
                 write_json(out / RUN, self.record("stopped: output not written" if isinstance(e, OutputError)
                                                   else "interrupted"))
@@ -293,14 +293,14 @@ class Driver:
     def finalize(self) -> RunSummary:
         """Figures, the shift verdict, studies and report, and the exit code of a run that screened everything."""
         s, a, out = self.summary, self.admission, self.ctx.out
-        self.progress.update(self.tally.rows, a.total - s.already_done, s.counts["error"], force=True)
+        self.progress.update(self.tally.rows, a.total - s.already_done, s.counts[Status.ERROR], force=True)
         t_end = time.monotonic()
         n = self.tally.rows
         s.seconds = t_end - self.ctx.t_start
         s.images_per_s = n / s.seconds if s.seconds else 0.0
         if self.first_rows and n - self.first_rows[1] >= 100 and t_end > self.first_rows[0]:
             s.steady_images_per_s = (n - self.first_rows[1]) / (t_end - self.first_rows[0])  # else no steady state
-        s.exit_code = Exit.FILE_ERRORS if s.counts["error"] else Exit.OK
+        s.exit_code = Exit.FILE_ERRORS if s.counts[Status.ERROR] else Exit.OK
         if a.total == 0:  # an empty folder, an unmounted share: nothing was done, and the code says so
             s.exit_code = Exit.BAD_INPUT
         s.run = self.record("complete")
@@ -443,8 +443,8 @@ def run_record(ctx: RunContext, plan: dict, providers: list[str], summary: RunSu
         "versions": {"covidct-batch": __version__, "onnxruntime": onnxruntime.__version__, "ray": ray.__version__,
                      "opencv": cv2.__version__, "pyarrow": pyarrow.__version__, "numpy": np.__version__,
                      "python": platform.python_version()},
-        "counts": {"ok": summary.counts["ok"], "error": summary.counts["error"],
-                   "skipped": summary.counts["skipped"], "already_done": summary.already_done,
+        "counts": {"ok": summary.counts[Status.OK], "error": summary.counts[Status.ERROR],
+                   "skipped": summary.counts[Status.SKIPPED], "already_done": summary.already_done,
                    "by_label": dict(summary.labels),
                    "by_reason": [{"status": s, "reason": r, "files": n} for (s, r), n in
                                  sorted(summary.reasons.items(), key=lambda kv: -kv[1])]},

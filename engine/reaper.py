@@ -95,7 +95,7 @@ def start() -> subprocess.Popen | None:
     """Start the watcher for this process (the driver); None where /proc is not there to read."""
     if not os.path.isdir("/proc/self"):
         return None
-    return subprocess.Popen([sys.executable, "-m", __name__ if __name__ != "__main__" else "engine.reaper",
+    return subprocess.Popen([sys.executable, "-m", __name__ if __name__ != "__main__" else "covidct.engine.reaper",
                              str(os.getpid())], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                             close_fds=True)
 

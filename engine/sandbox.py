@@ -45,7 +45,7 @@ class Sandbox:
 
     def _start(self) -> subprocess.Popen:
         if self._proc is None or self._proc.poll() is not None:
-            self._proc = subprocess.Popen([sys.executable, "-m", __name__ if __name__ != "__main__" else "engine.sandbox"], stdin=subprocess.PIPE,
+            self._proc = subprocess.Popen([sys.executable, "-m", __name__ if __name__ != "__main__" else "covidct.engine.sandbox"], stdin=subprocess.PIPE,
                                           stdout=subprocess.PIPE, close_fds=True,
                                           env={**os.environ, "PYTHONWARNINGS": "ignore"})
         return self._proc

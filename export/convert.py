@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 
-from engine.contract import Contract, embed_contract
+from covidct.engine.contract import Contract, embed_contract
 
 log = logging.getLogger(__name__)
 

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import click
 
-from engine.contract import DISCLAIMER
-from engine.exits import Exit, command
-from engine.logs import setup_logging
+from covidct.engine.contract import DISCLAIMER
+from covidct.engine.exits import Exit, command
+from covidct.engine.logs import setup_logging
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -25,10 +25,10 @@ from engine.logs import setup_logging
 def main(out: Path, n: int, epochs: int):
     """Run train -> export -> screen end to end on a synthetic sample, locally, on the CPU."""
     setup_logging()
-    from engine.summary import format_summary
-    from engine.pipeline import ScreenConfig, run
-    from train.fit import TrainConfig, summary, train
-    from train.synthetic import make_archive, make_dataset
+    from covidct.engine.summary import format_summary
+    from covidct.engine.pipeline import ScreenConfig, run
+    from covidct.train.fit import TrainConfig, summary, train
+    from covidct.train.synthetic import make_archive, make_dataset
 
     from .exporter import ExportConfig, export
 

@@ -12,11 +12,11 @@ from pathlib import Path
 
 import numpy as np
 
-from engine.contract import Contract, embed_contract, save_atomic, sha256_file
-from engine.decode import DecodeError, decode_file
-from engine.metrics import agreement
-from train.data import read_split
-from train.fit import CONTRACT_FILE, MODEL_FILE, SPLIT_FILE
+from covidct.engine.contract import Contract, embed_contract, save_atomic, sha256_file
+from covidct.engine.decode import DecodeError, decode_file
+from covidct.engine.metrics import agreement
+from covidct.train.data import read_split
+from covidct.train.fit import CONTRACT_FILE, MODEL_FILE, SPLIT_FILE
 
 from .convert import keras_to_onnx
 from .validate import ExportInputError, ExportValidationError, compare, structural_problems, validate
@@ -79,8 +79,8 @@ def shift_reference(rows: list[dict], model, contract: Contract) -> dict | None:
     images as the engine's preprocessing sees them, and the model's probabilities on the validation
     split. The test split stays out, so that the alarm's quiet on it is a fair check. None for a
     model whose preprocessing yields no statistics (plain resize)."""
-    from engine.decode import decode_inputs, read_file
-    from engine.shift import Histograms, slice_stats
+    from covidct.engine.decode import decode_inputs, read_file
+    from covidct.engine.shift import Histograms, slice_stats
 
     hist = Histograms()
     val_images = []
@@ -107,7 +107,7 @@ def shift_reference(rows: list[dict], model, contract: Contract) -> dict | None:
 
 def export(cfg: ExportConfig) -> dict:
     """Convert, validate and write the model (and its INT8 twin with ``int8``); returns the report."""
-    from train.model import load_trained
+    from covidct.train.model import load_trained
 
     run = Path(cfg.run_dir)
     contract = Contract.from_json((run / CONTRACT_FILE).read_text())

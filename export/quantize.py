@@ -10,9 +10,9 @@ from pathlib import Path
 
 import numpy as np
 
-from engine.contract import Contract
+from covidct.engine.contract import Contract
 
-from engine.contract import embed_contract
+from covidct.engine.contract import embed_contract
 
 log = logging.getLogger(__name__)
 

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from engine.contract import Contract
+from covidct.engine.contract import Contract
 
-from engine.contract import embed_contract
+from covidct.engine.contract import embed_contract
 
 
 def tiny_model(path: Path, image_size=(64, 64), threshold=0.5, contract: Contract | None = None,

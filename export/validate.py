@@ -6,7 +6,7 @@ import logging
 
 import numpy as np
 
-from engine.contract import Contract, ContractError, contract_from_metadata
+from covidct.engine.contract import Contract, ContractError, contract_from_metadata
 
 log = logging.getLogger(__name__)
 

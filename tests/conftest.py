@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from export.tiny import tiny_model  # noqa: F401  (re-exported for the tests)
+from covidct.export.tiny import tiny_model  # noqa: F401  (re-exported for the tests)
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
@@ -52,7 +52,7 @@ def read_rows(out_dir: Path):
 @pytest.fixture(scope="session")
 def trained_run(tmp_path_factory):
     """A synthetic data set, a short training at 64x64 and an INT8+FP32 export (through the CLIs)."""
-    from train.synthetic import make_dataset
+    from covidct.train.synthetic import make_dataset
 
     base = tmp_path_factory.mktemp("trained")
     data = make_dataset(base / "data with spaces", n_per_class=90, seed=1, classes=("Not_Infected", "Infected"),

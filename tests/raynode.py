@@ -13,7 +13,7 @@ def main() -> int:
 
     mode = sys.argv[1]
     if mode == "local":
-        from engine.pipeline import ScreenConfig, start_ray
+        from covidct.engine.pipeline import ScreenConfig, start_ray
         start_ray(ScreenConfig(inputs=(".",), model="unused", out="unused", num_cpus=1))
         print("ADDRESS", ray.get_runtime_context().gcs_address, flush=True)
         sys.stdin.read()

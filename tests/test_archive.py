@@ -18,8 +18,8 @@ import pandas as pd
 import pytest
 
 from benchmarks.compare import kill_session
-from engine.lock import LOCK, OutDirLock
-from engine.sink import exact_path
+from covidct.engine.lock import LOCK, OutDirLock
+from covidct.engine.sink import exact_path
 from tests.conftest import read_rows, run_cli, tiny_model
 from tests.test_engine import _start, _wait_for
 

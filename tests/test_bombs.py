@@ -16,8 +16,8 @@ import pytest
 from pydicom.encaps import encapsulate
 from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless, JPEGBaseline8Bit, JPEGLSLossless
 
-from engine.dicom import MAX_FRAMES
-from engine.headers import MAX_JPEG_SCANS
+from covidct.engine.dicom import MAX_FRAMES
+from covidct.engine.headers import MAX_JPEG_SCANS
 from tests.conftest import ROOT, read_rows, run_cli, tiny_model
 
 HUGE = 20_000  # a 20,000 x 20,000 frame: 400 MP, eight times the pixel limit
@@ -153,7 +153,7 @@ def test_a_refused_bomb_costs_neither_the_memory_nor_the_time_the_decoder_would_
     probe = subprocess.run([sys.executable, "-c", f"""
 import resource, time
 import cv2, numpy as np
-from engine.decode import DecodeError, decode_inputs
+from covidct.engine.decode import DecodeError, decode_inputs
 rss = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024
 def refused(path):
     t = time.process_time()

@@ -4,7 +4,7 @@ import dataclasses
 
 import pytest
 
-from engine.contract import Contract, ContractError, read_contract
+from covidct.engine.contract import Contract, ContractError, read_contract
 from tests.conftest import tiny_model
 
 GOOD = dict(image_size=(256, 256), class_names=("non-COVID", "COVID"), positive_class="COVID", threshold=0.4)

@@ -7,7 +7,7 @@ import cv2
 import numpy as np
 import pytest
 
-from engine.decode import (DecodeError, decode_and_resize, decode_file, header_size, sniff)
+from covidct.engine.decode import (DecodeError, decode_and_resize, decode_file, header_size, sniff)
 
 SIZE = (48, 40)  # (height, width): non-square on purpose
 

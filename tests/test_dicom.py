@@ -18,8 +18,8 @@ import pytest
 from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
 
-from engine.contract import LUNG_WINDOW, Contract
-from engine.decode import DecodeError, decode_frames
+from covidct.engine.contract import LUNG_WINDOW, Contract
+from covidct.engine.decode import DecodeError, decode_frames
 from tests.conftest import ROOT, read_rows, run_cli, shared_dataset, tiny_model
 
 SIZE = (64, 64)
@@ -382,8 +382,8 @@ def test_frame_bombs_become_one_too_large_row_within_a_fixed_memory_budget(tmp_p
     # the decode itself, in a fresh process: its peak memory barely moves
     probe = subprocess.run([sys.executable, "-c", f"""
 import resource
-from engine.contract import LUNG_WINDOW
-from engine.decode import DecodeError, decode_inputs
+from covidct.engine.contract import LUNG_WINDOW
+from covidct.engine.decode import DecodeError, decode_inputs
 data = open({str(big)!r}, 'rb').read()
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 try:
@@ -434,7 +434,7 @@ def test_no_planted_identifier_leaks_by_any_route(tmp_path):
     import pandas as pd
     import pyarrow.parquet as pq
 
-    from engine.sink import row_key
+    from covidct.engine.sink import row_key
 
     root = tmp_path / "archive"
     _plant(root)

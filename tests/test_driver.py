@@ -10,12 +10,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from engine.contract import Contract
-from engine.driver import BatchFailed, Driver, RunContext
-from engine.exits import Exit
-from engine.pipeline import ScreenConfig, _chunks
-from engine.rows import Row, Status
-from engine.sink import DoneIndex, PartWriter
+from covidct.engine.contract import Contract
+from covidct.engine.driver import BatchFailed, Driver, RunContext
+from covidct.engine.exits import Exit
+from covidct.engine.pipeline import ScreenConfig, _chunks
+from covidct.engine.rows import Row, Status
+from covidct.engine.sink import DoneIndex, PartWriter
 from tests.conftest import read_rows
 
 

@@ -15,8 +15,8 @@ import cv2
 import numpy as np
 import pytest
 
-from engine.contract import read_contract
-from engine.decode import decode_file
+from covidct.engine.contract import read_contract
+from covidct.engine.decode import decode_file
 from benchmarks.compare import kill_session as _kill_session
 from benchmarks.compare import session_pids as _session_pids
 from tests.conftest import ROOT, read_rows, run_cli, tiny_model
@@ -175,8 +175,8 @@ def test_unauthenticated_local_runtime_is_refused(tmp_path, archive):
 
 def test_probabilities_equal_keras(trained_run, tmp_path):
     """The engine's probabilities equal the Keras model's on the same files (|diff| <= 1e-4)."""
-    from engine.contract import read_contract
-    from train.model import load_trained
+    from covidct.engine.contract import read_contract
+    from covidct.train.model import load_trained
 
     out = tmp_path / "o"
     r = screen(trained_run["data"], "--model", trained_run["model"], "--out", out)

@@ -9,10 +9,10 @@ import cv2
 import numpy as np
 import pytest
 
-from engine.contract import read_contract
-from engine.decode import decode_file
-from engine.evaluate import figures
-from engine.metrics import calibration, delong_ci, roc_curve
+from covidct.engine.contract import read_contract
+from covidct.engine.decode import decode_file
+from covidct.engine.evaluate import figures
+from covidct.engine.metrics import calibration, delong_ci, roc_curve
 from tests.conftest import read_rows, run_cli, tiny_model
 
 sk = pytest.importorskip("sklearn.metrics")
@@ -141,7 +141,7 @@ def _independent_threshold(p_pos: np.ndarray, target: float) -> float:
 
 def _labelled_ct(root: Path) -> Path:
     """Lung-window phantoms (ground glass on the positives), 24 per class, and one corrupt file."""
-    from train.synthetic import phantom_hu, render
+    from covidct.train.synthetic import phantom_hu, render
 
     rng = np.random.default_rng(11)
     for cls, positive in (("COVID", True), ("non-COVID", False)):

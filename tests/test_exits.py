@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from engine.exits import Exit
+from covidct.engine.exits import Exit
 
 
 def _invoke(entry: str, args: list[str]) -> int:
@@ -37,17 +37,17 @@ def _commands(tmp: Path) -> dict[str, tuple[str, list, list[tuple[str, str]], li
     empty = tmp / "empty"
     empty.mkdir()
     return {
-        "covidct-batch": ("engine.cli:main", [tmp, "--model", not_a_model, "--out", tmp / "o1", "--no-progress"],
-                          [("engine.pipeline", "run")], [tmp, "--model", tmp / "missing.onnx", "--out", tmp / "o2"]),
-        "covidct-report": ("engine.cli:report_main", [out], [("engine.report", "build_report")], [empty]),
-        "covidct-evaluate": ("engine.evaluate_cli:main", [not_a_model, tmp / "site", "--out", tmp / "e1"],
-                             [("engine.evaluate", "evaluate")], [not_a_model, tmp / "site", "--out", tmp / "e2"]),
-        "covidct-train": ("train.cli:main", [tmp / "site", "--out", tmp / "r1"], [("train.cli", "_train")],
+        "covidct-batch": ("covidct.engine.cli:main", [tmp, "--model", not_a_model, "--out", tmp / "o1", "--no-progress"],
+                          [("covidct.engine.pipeline", "run")], [tmp, "--model", tmp / "missing.onnx", "--out", tmp / "o2"]),
+        "covidct-report": ("covidct.engine.cli:report_main", [out], [("covidct.engine.report", "build_report")], [empty]),
+        "covidct-evaluate": ("covidct.engine.evaluate_cli:main", [not_a_model, tmp / "site", "--out", tmp / "e1"],
+                             [("covidct.engine.evaluate", "evaluate")], [not_a_model, tmp / "site", "--out", tmp / "e2"]),
+        "covidct-train": ("covidct.train.cli:main", [tmp / "site", "--out", tmp / "r1"], [("covidct.train.cli", "_train")],
                           [tmp / "site", "--out", tmp / "r2"]),
-        "covidct-export": ("export.cli:main", [empty, "--out", tmp / "m.onnx"],
-                           [("export.exporter", "ExportConfig"), ("export.exporter", "export")],
+        "covidct-export": ("covidct.export.cli:main", [empty, "--out", tmp / "m.onnx"],
+                           [("covidct.export.exporter", "ExportConfig"), ("covidct.export.exporter", "export")],
                            [empty, "--out", tmp / "m2.onnx"]),
-        "covidct-demo": ("export.demo:main", ["--out", tmp / "demo"], [("train.synthetic", "make_dataset")],
+        "covidct-demo": ("covidct.export.demo:main", ["--out", tmp / "demo"], [("covidct.train.synthetic", "make_dataset")],
                          ["--n", "5"]),
     }
 

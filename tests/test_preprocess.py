@@ -6,10 +6,10 @@ import cv2
 import numpy as np
 import pytest
 
-from engine.contract import Contract, ContractError
-from engine.decode import decode_and_resize, decode_frames
-from engine.preprocess import LUNG_CROP_DEFAULTS, default_spec, lung_crop, preprocess
-from train.synthetic import other_site, phantom_hu, render
+from covidct.engine.contract import Contract, ContractError
+from covidct.engine.decode import decode_and_resize, decode_frames
+from covidct.engine.preprocess import LUNG_CROP_DEFAULTS, default_spec, lung_crop, preprocess
+from covidct.train.synthetic import other_site, phantom_hu, render
 
 SIZE = (128, 128)
 SPEC = default_spec()

@@ -17,7 +17,7 @@ from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 from pydicom.uid import generate_uid
 
-from engine.privacy import identifying_values, redact
+from covidct.engine.privacy import identifying_values, redact
 from tests.conftest import read_rows, run_cli, tiny_model
 
 

@@ -8,7 +8,7 @@ import cv2
 import numpy as np
 import pytest
 
-from engine.contract import Contract
+from covidct.engine.contract import Contract
 from tests.conftest import read_rows, run_cli, tiny_model
 
 SIZE = (32, 32)
@@ -110,22 +110,23 @@ def test_a_write_failure_outside_the_parts_is_exit_3_with_the_message(tmp_path):
     _pngs(data, 4)
     model = _model(tmp_path)
     out = tmp_path / "out"
-    (out / "run.json.tmp").mkdir(parents=True)  # run.json cannot be written at the start
+    # a folder where a whole file must be renamed into place (engine.atomic): run.json cannot be written at the start
+    (out / "run.json").mkdir(parents=True)
     r = run_cli("covidct-batch", data, "--model", model, "--out", out, "--no-progress", "--num-cpus", "1")
     assert r.returncode == 3, r.stderr[-2000:]
     assert "run.json could not be written" in r.stderr and "Traceback" not in r.stderr
-    (out / "run.json.tmp").rmdir()
-    (out / "report.html.tmp").mkdir()  # the report cannot be written at the end
+    (out / "run.json").rmdir()
+    (out / "report.html").mkdir()  # the report cannot be written at the end
     r = run_cli("covidct-batch", data, "--model", model, "--out", out, "--no-progress", "--num-cpus", "1")
     assert r.returncode == 3 and "report.html could not be written" in r.stderr and "Traceback" not in r.stderr
     assert len(read_rows(out)) == 4  # every prediction part is intact
-    (out / "report.html.tmp").rmdir()
+    (out / "report.html").rmdir()
     r = run_cli("covidct-report", out)
     assert r.returncode == 0 and (out / "report.html").is_file()
 
 
 def test_covidct_report_refuses_beside_a_live_run_and_a_garbage_record(tmp_path):
-    from engine.lock import OutDirLock
+    from covidct.engine.lock import OutDirLock
 
     data = tmp_path / "data"
     _pngs(data, 3)
@@ -163,7 +164,7 @@ def test_an_empty_input_says_nothing_was_found_and_a_link_loop_is_named(tmp_path
 
 
 def test_pseudonyms_keep_only_image_extensions_and_no_message_shows_a_raw_path():
-    from engine.privacy import pseudonym_path
+    from covidct.engine.privacy import pseudonym_path
 
     assert pseudonym_path("/data/Doe.John", "k").endswith("/" + pseudonym_path("/data/Doe.John", "k").rsplit("/", 1)[1])
     assert "." not in pseudonym_path("/data/Doe.John", "k").rsplit("/", 1)[1]
@@ -184,7 +185,7 @@ def test_an_input_inside_out_dir_is_refused_without_its_path_under_pseudonymize(
 
 
 def test_a_report_without_study_grouping_lists_the_top_flagged_files(tmp_path):
-    from engine.contract import Contract
+    from covidct.engine.contract import Contract
 
     data = tmp_path / "data"
     data.mkdir()
@@ -223,8 +224,8 @@ def test_a_predictor_loads_the_bytes_the_run_hashed_or_refuses(tmp_path):
 
     import pytest
 
-    from engine import runtimes
-    from engine.predictor import Predictor
+    from covidct.engine import runtimes
+    from covidct.engine.predictor import Predictor
 
     model = _model(tmp_path)
     sha = hashlib.sha256(model.read_bytes()).hexdigest()
@@ -297,7 +298,7 @@ def test_killed_at_any_moment_the_rerun_equals_a_clean_run_and_no_process_is_lef
         "startup": lambda out: time.sleep(2.0) or True,
         "first part": lambda out: parts(out) >= 1,
         "mid-run": lambda out: parts(out) >= 4,
-        "final write": lambda out: (out / "studies.parquet").exists() or (out / "report.html.tmp").exists()
+        "final write": lambda out: any(out.glob("studies.parquet*")) or any(out.glob("report.html*.tmp"))
         or (out / "run.json").exists() and '"complete"' in (out / "run.json").read_text(),
     }
     for sig in (signal.SIGKILL, signal.SIGTERM):
@@ -329,7 +330,7 @@ def test_a_lock_from_another_pid_namespace_is_judged_by_its_heartbeat_and_a_torn
 
     import pytest
 
-    from engine.lock import LOCK, TORN_AFTER_S, OutDirLock
+    from covidct.engine.lock import LOCK, TORN_AFTER_S, OutDirLock
 
     out = tmp_path / "o"
     out.mkdir()
@@ -372,7 +373,7 @@ def test_names_that_are_not_utf8_work_on_the_command_line_and_as_the_current_fol
     r = subprocess.run([exe, b".", b"--model", os.fsencode(model), b"--out", out, b"--no-progress", b"--num-cpus",
                         b"1"], cwd=data, capture_output=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
-    from engine.studies import utf8_path
+    from covidct.engine.studies import utf8_path
     with utf8_path(Path(os.fsdecode(out))) as readable:  # pyarrow, like DuckDB, takes UTF-8 paths only
         rows = read_rows(readable)
     assert len(rows) == 3 and set(rows.status) == {"ok"}
@@ -389,7 +390,7 @@ def test_names_that_are_not_utf8_work_on_the_command_line_and_as_the_current_fol
 def test_out_is_never_input_for_evaluate_and_train(tmp_path):
     import json
 
-    from train.synthetic import make_dataset
+    from covidct.train.synthetic import make_dataset
 
     data = make_dataset(tmp_path / "data", n_per_class=12, seed=4, size=(96, 96))
     model = _model(tmp_path)
@@ -435,7 +436,7 @@ def test_a_damaged_part_is_set_aside_and_its_files_screened_again(tmp_path):
 def test_runs_are_ordered_by_a_sequence_not_by_the_clock(tmp_path):
     import shutil
 
-    from engine.pipeline import next_run_id
+    from covidct.engine.pipeline import next_run_id
 
     _, out, args = _screening(tmp_path, 3)
     assert run_cli(*args).returncode == 0

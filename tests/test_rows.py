@@ -8,10 +8,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from engine.reasons import Reason
-from engine.rows import COLUMNS, SCHEMA, Row, RowFieldError, Status
-from engine.shift import STATS
-from engine.sink import PartWriter
+from covidct.engine.reasons import Reason
+from covidct.engine.rows import COLUMNS, SCHEMA, Row, RowFieldError, Status
+from covidct.engine.shift import STATS
+from covidct.engine.sink import PartWriter
 
 #: The output schema as covidct-batch wrote it before Row existed: old OUT_DIRs must resume unchanged.
 PREVIOUS_SCHEMA = [

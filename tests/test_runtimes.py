@@ -8,9 +8,9 @@ import json
 import numpy as np
 import pytest
 
-from engine import runtimes
-from engine.contract import Contract
-from engine.predictor import Predictor
+from covidct.engine import runtimes
+from covidct.engine.contract import Contract
+from covidct.engine.predictor import Predictor
 from tests.conftest import read_rows, run_cli, tiny_model
 
 SIZE = (32, 32)

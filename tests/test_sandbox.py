@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from engine.reasons import CORRUPT, TIMEOUT, DecodeError
-from engine.sandbox import DecoderCrashed, Sandbox
+from covidct.engine.reasons import CORRUPT, TIMEOUT, DecodeError
+from covidct.engine.sandbox import DecoderCrashed, Sandbox
 from tests.conftest import read_rows, run_cli
 
 #: pydicom's JPEG baseline test file, relabelled as a CT slice so the engine decodes its pixels.
@@ -122,7 +122,7 @@ def test_the_predictor_survives_a_crashing_dicom_and_screens_every_other_file(cr
 
 
 def _model(tmp_path: Path) -> Path:
-    from engine.contract import Contract
+    from covidct.engine.contract import Contract
     from tests.conftest import tiny_model
 
     path = tmp_path / "m.onnx"

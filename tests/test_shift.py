@@ -10,12 +10,12 @@ import cv2
 import numpy as np
 import pytest
 
-from engine.contract import Contract
-from engine.decode import decode_inputs
-from engine.shift import (DECIDING, IN_RANGE, MIN_SLICES, NO_REFERENCE, SHIFTED, STATS, TOO_FEW, Histograms, compare,
+from covidct.engine.contract import Contract
+from covidct.engine.decode import decode_inputs
+from covidct.engine.shift import (DECIDING, IN_RANGE, MIN_SLICES, NO_REFERENCE, SHIFTED, STATS, TOO_FEW, Histograms, compare,
                           slice_stats)
 from tests.conftest import read_rows, run_cli, tiny_model
-from train.synthetic import other_site, phantom_hu, render
+from covidct.train.synthetic import other_site, phantom_hu, render
 
 SIZE = (96, 96)
 LUNG = {"level": -600.0, "width": 1500.0}  # the contract's window, and the reference site's export window

@@ -9,13 +9,13 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from engine.contract import Contract, read_contract
+from covidct.engine.contract import Contract, read_contract
 from tests.conftest import run_cli
-from train import sites as S
+from covidct.train import sites as S
 
 
 def _site(root, n_per_class, seed, classes=("non-COVID", "COVID")):
-    from train.synthetic import make_dataset
+    from covidct.train.synthetic import make_dataset
     return make_dataset(root, n_per_class=n_per_class, seed=seed, classes=classes, size=(128, 128))
 
 
@@ -189,7 +189,7 @@ def test_init_refuses_a_missing_or_incompatible_run_and_a_small_set(trained_run,
 def test_site_batch_norm_trains_per_site_and_merges_into_the_plain_model():
     import keras
 
-    from train.model import build_compact, merge_site_norms
+    from covidct.train.model import build_compact, merge_site_norms
 
     size = (32, 32)
     model = build_compact(size, seed=0, sites=2)

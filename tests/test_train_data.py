@@ -5,8 +5,8 @@ import math
 import numpy as np
 import pytest
 
-from train import data as D
-from engine.metrics import operating_threshold, roc_auc, screening_metrics, wilson
+from covidct.train import data as D
+from covidct.engine.metrics import operating_threshold, roc_auc, screening_metrics, wilson
 
 
 def _folders(tmp_path, *names):
@@ -82,7 +82,7 @@ def test_groups_keep_patients_together():
 
 
 def test_load_images_reports_unreadable(tmp_path):
-    from train.synthetic import make_dataset
+    from covidct.train.synthetic import make_dataset
 
     make_dataset(tmp_path, n_per_class=3, classes=("non-COVID", "COVID"), size=(64, 64))
     (tmp_path / "COVID" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")

@@ -8,9 +8,9 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from engine.contract import Contract, read_contract, sha256_file
-from engine.decode import decode_file
-from train.data import read_split
+from covidct.engine.contract import Contract, read_contract, sha256_file
+from covidct.engine.decode import decode_file
+from covidct.train.data import read_split
 from tests.conftest import run_cli
 
 
@@ -42,7 +42,7 @@ def test_split_keeps_patients_together(trained_run):
 
 
 def test_exported_model_carries_contract_and_matches_keras(trained_run):
-    from train.model import load_trained
+    from covidct.train.model import load_trained
 
     run, model_path = trained_run["run"], trained_run["model"]
     contract = read_contract(model_path)
@@ -98,8 +98,8 @@ def test_export_refuses_a_model_changed_after_training(trained_run, tmp_path):
 
 def test_export_validation_failure_is_an_error_not_a_warning(trained_run, monkeypatch):
     """Parity breaks when the ONNX graph's preprocessing differs from Keras: raise, never warn."""
-    from export import validate as V
-    from train.model import load_trained
+    from covidct.export import validate as V
+    from covidct.train.model import load_trained
 
     contract = read_contract(trained_run["model"])
     keras_model = load_trained(trained_run["run"] / "model.keras", contract.image_size, contract.architecture)

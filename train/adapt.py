@@ -28,10 +28,10 @@ from pathlib import Path
 
 import numpy as np
 
-from engine import __version__
-from engine.contract import Contract, ContractError, sha256_file
-from engine.labels import DataError
-from engine.metrics import operating_threshold
+from covidct.engine import __version__
+from covidct.engine.contract import Contract, ContractError, sha256_file
+from covidct.engine.labels import DataError
+from covidct.engine.metrics import operating_threshold
 
 from . import data as data_mod
 from . import sites as sites_mod

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import click
 
-from engine.contract import DISCLAIMER
-from engine.exits import CommandError, Exit, command
-from engine.logs import setup_logging
+from covidct.engine.contract import DISCLAIMER
+from covidct.engine.exits import CommandError, Exit, command
+from covidct.engine.logs import setup_logging
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})

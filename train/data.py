@@ -12,8 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
-from engine.labels import DataError, resolve_classes  # noqa: F401  (re-exported for train)
-from engine.decode import MULTI_FRAME, DecodeError, decode_grey_frames, read_file, resize
+from covidct.engine.labels import DataError, resolve_classes  # noqa: F401  (re-exported for train)
+from covidct.engine.decode import MULTI_FRAME, DecodeError, decode_grey_frames, read_file, resize
 
 log = logging.getLogger(__name__)
 

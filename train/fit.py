@@ -11,10 +11,10 @@ from pathlib import Path
 
 import numpy as np
 
-from engine import __version__
-from engine.contract import DEFAULT_INTERPOLATION, LUNG_WINDOW, Contract, sha256_file
-from engine.metrics import operating_threshold, screening_metrics
-from engine.preprocess import LUNG_CROP, RESIZE, default_spec
+from covidct.engine import __version__
+from covidct.engine.contract import DEFAULT_INTERPOLATION, LUNG_WINDOW, Contract, sha256_file
+from covidct.engine.metrics import operating_threshold, screening_metrics
+from covidct.engine.preprocess import LUNG_CROP, RESIZE, default_spec
 
 from . import data as data_mod
 from . import sites as sites_mod
@@ -124,7 +124,7 @@ class SiteSequence:
                 self.order = sites_mod.balanced_order(self.site, self.rng)
 
             def __getitem__(self, k):
-                from engine.decode import resize
+                from covidct.engine.decode import resize
 
                 from .augment import jitter, site
                 idx = self.order[k * self.cfg.batch_size:(k + 1) * self.cfg.batch_size]
@@ -151,7 +151,7 @@ def _fit_compact(model, cfg: TrainConfig, ds, tr, va) -> dict:
     """
     import keras
 
-    from engine.metrics import roc_auc
+    from covidct.engine.metrics import roc_auc
 
     n_sites = len(cfg.sites) if _site_norm(cfg) else 0
     seq = SiteSequence([ds.grey[i] for i in np.nonzero(tr)[0]], ds.labels[tr],

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-from engine.labels import DataError
-from engine.metrics import delong_ci, operating_threshold, screening_metrics
+from covidct.engine.labels import DataError
+from covidct.engine.metrics import delong_ci, operating_threshold, screening_metrics
 
 from . import data as data_mod
 

@@ -1,0 +1,1 @@
+"""The project's tests (a regular package, so that ``tests.conftest`` is never another distribution's ``tests``)."""
