@@ -120,6 +120,7 @@ def test_small_end_to_end(benchmark, tmp_path):
     assert run["steady_images_per_s"] >= 0.1 * loop_rate, (run["steady_images_per_s"], loop_rate)
 
 
+@pytest.mark.slow  # converts the seeds' 126 MB model with tf2onnx: about a minute on 2 cores
 def test_default_model_costs_no_more_than_the_seeds_cnn(benchmark):
     """Model-quality issue: the default (compact, 192x192) must cost no more per image than the seeds'
     CNN (256x256) in ONNX Runtime. Both are timed here, one thread, batch 32."""

@@ -312,14 +312,22 @@ def test_local_runtime_requires_its_token(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")}
     local, address = _helper("local", env)
     try:
-        def client(extra):
-            return subprocess.run([sys.executable, "-m", "tests.raynode", "client", address], cwd=ROOT,
-                                  env={**env, **extra}, capture_output=True, text=True, timeout=120)
-        wrong = client({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": "not-the-token"})
+        def client(extra):  # started at once, all three: each waits on Ray's own connection timeouts
+            return subprocess.Popen([sys.executable, "-m", "tests.raynode", "client", address], cwd=ROOT,
+                                    env={**env, **extra}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+        def ended(proc):
+            try:
+                out, err = proc.communicate(timeout=120)
+            finally:
+                proc.kill()
+            return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+        procs = [client({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": "not-the-token"}),
+                 client({"RAY_AUTH_MODE": "disabled"}),
+                 client({"RAY_AUTH_MODE": "token"})]  # reads the token Ray generated in ~/.ray/auth_token
+        wrong, none, right = (ended(p) for p in procs)
         assert wrong.returncode == 3 and "REFUSED" in wrong.stdout
-        none = client({"RAY_AUTH_MODE": "disabled"})
         assert none.returncode == 3 and "REFUSED" in none.stdout
-        right = client({"RAY_AUTH_MODE": "token"})  # reads the token Ray generated in ~/.ray/auth_token
         assert right.returncode == 0 and "NODES 1" in right.stdout, right.stdout + right.stderr[-1000:]
     finally:
         _stop(local)

@@ -387,7 +387,7 @@ def test_names_that_are_not_utf8_work_on_the_command_line_and_as_the_current_fol
         assert len(read_rows(readable)) == 3
 
 
-def test_out_is_never_input_for_evaluate_and_train(tmp_path):
+def test_out_is_never_input_for_evaluate(tmp_path):
     import json
 
     from covidct.train.synthetic import make_dataset
@@ -400,9 +400,16 @@ def test_out_is_never_input_for_evaluate_and_train(tmp_path):
         assert r.returncode == 0, r.stderr[-2000:]
         report = json.loads((out / "evaluation.json").read_text())
         assert report["n"] == 24 and report["files"] == {"ok": 24, "unreadable": 0, "skipped": 0}
-    import shutil
-    shutil.rmtree(out)  # covidct-evaluate's output is not covidct-train's: take it away first
-    run = data / "non-COVID" / "run"
+
+
+@pytest.mark.slow  # two TensorFlow trainings: half a minute on 2 cores
+def test_out_is_never_input_for_train(tmp_path):
+    import json
+
+    from covidct.train.synthetic import make_dataset
+
+    data = make_dataset(tmp_path / "data", n_per_class=12, seed=4, size=(96, 96))
+    run = data / "non-COVID" / "run"  # OUT inside a class folder
     r = run_cli("covidct-train", data, "--out", run, "--epochs", "1", "--image-size", "32", "--batch-size", "8")
     assert r.returncode == 0, r.stderr[-2000:]
     r = run_cli("covidct-train", data, "--out", run, "--epochs", "1", "--image-size", "32", "--batch-size", "8")

@@ -135,6 +135,7 @@ def adapted(trained_run, tmp_path_factory):
     return {"local": local, "out": out, "stdout": r.stdout, "export_stdout": e.stdout, "source": trained_run}
 
 
+@pytest.mark.slow  # two trainings (--init cross-fits five folds) and an export: about a minute on 2 cores
 def test_adapted_model_carries_its_provenance(adapted):
     src = read_contract(adapted["source"]["model"])
     c = read_contract(adapted["out"] / "model.onnx")
