@@ -157,6 +157,51 @@ def make_archive(root: Path, n: int, size=(512, 512)) -> Path:
     return root
 
 
+#: DICOM transfer syntaxes the DICOM archive is written in: uncompressed, and JPEG 2000 lossless.
+DICOM_SYNTAXES = {"uncompressed": "1.2.840.10008.1.2.1", "jpeg2000-lossless": "1.2.840.10008.1.2.4.90"}
+
+
+def make_dicom_archive(root: Path, n: int, syntax: str = "uncompressed") -> Path:
+    """``n`` 512x512 int16 CT slices with real headers: the TCIA slices in ``../shared/data`` with their pixel
+    data varied (noise of a few HU, a shift of a few pixels), new UIDs (a study and series every 100 slices),
+    written uncompressed or JPEG 2000 lossless (``DICOM_SYNTAXES``)."""
+    import copy
+    import warnings
+
+    import pydicom
+    from pydicom.uid import UID, generate_uid
+
+    marker = root / f".complete-{n}"
+    if marker.exists():
+        return root
+    sources = sorted((SHARED / "tcia-covid19-ny-sbu-dicom").rglob("*.dcm"))
+    if not sources:
+        raise FileNotFoundError(f"no DICOM under {SHARED / 'tcia-covid19-ny-sbu-dicom'}: the DICOM benchmark needs it")
+    bases = [pydicom.dcmread(p) for p in sources]
+    rng = np.random.default_rng(0)
+    study = series = None
+    for i in range(n):
+        if i % 100 == 0:
+            study, series = generate_uid(), generate_uid()
+        ds = copy.deepcopy(bases[i % len(bases)])  # compress() changes file_meta: never share it
+        px = ds.pixel_array.astype(np.int32)
+        px = np.roll(px, tuple(rng.integers(-4, 5, 2)), axis=(0, 1)) + rng.integers(-6, 7, px.shape)
+        info = np.iinfo(px.dtype if ds.PixelRepresentation else np.uint16)
+        ds.PixelData = np.clip(px, max(info.min, -32768), min(info.max, 32767)).astype(
+            np.int16 if ds.PixelRepresentation else np.uint16).tobytes()
+        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID = study, series, generate_uid()
+        ds.InstanceNumber = i % 100 + 1
+        d = root / f"study{i // 100:04d}"
+        d.mkdir(parents=True, exist_ok=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            if syntax != "uncompressed":
+                ds.compress(UID(DICOM_SYNTAXES[syntax]))
+            ds.save_as(d / f"slice_{i:07d}.dcm", enforce_file_format=True)
+    marker.write_text("")
+    return root
+
+
 def cpu_class(flags: list[str]) -> str:
     """A results file's name for the CPU's fast paths: avx2, avx512, avx512-vnni-bf16, ... ."""
     base = "avx512" if "avx512f" in flags else "avx2" if "avx2" in flags else platform.machine()
@@ -218,6 +263,26 @@ def covidct_batch(archive: Path, model: Path, out: Path, extra=()) -> dict:
             "latency_ms": lat["batch_latency_ms"],
             "stages_ms": {k.replace("_ms", ""): lat[k] for k in ("read_ms", "decode_ms", "infer_ms")},
             "peak_rss_mb": r["peak_rss_mb"], "workers": run["workers"]}
+
+
+def dicom_runs(work: Path, n: int, model: Path) -> dict:
+    """covidct-batch, the per-core loops and the plain loop at FP32 (and covidct-batch and the loops at INT8) over
+    ``n`` DICOM slices in each of DICOM_SYNTAXES, with the default architecture's model."""
+    out = {}
+    int8 = model.with_suffix(".int8.onnx")
+    for syntax in DICOM_SYNTAXES:
+        archive = make_dicom_archive(work / f"dicom_{syntax}_{n}", n, syntax)
+        rows = out[syntax] = []
+        for name, precision in (("covidct-batch", "fp32"), ("per_core_loops", "fp32"), ("plain_loop", "fp32"),
+                                ("covidct-batch", "int8"), ("per_core_loops", "int8")):
+            print(f"[dicom {syntax}] running {name} {precision} ...", file=sys.stderr, flush=True)
+            if name == "covidct-batch":
+                rows.append(covidct_batch(archive, model, work / f"screen_dicom_{syntax}", ("--precision", precision)))
+            else:
+                ours = next((r for r in rows if r["name"] == "covidct-batch" and r["precision"] == precision), {})
+                rows.append(contender(name, archive, int8 if precision == "int8" else model, work / "dicom", precision,
+                                      ours.get("runtime") if name == "per_core_loops" else None))
+    return out
 
 
 def rss_scaling(work: Path, small: int, large: int) -> dict:
@@ -309,6 +374,17 @@ def markdown(report: dict) -> str:
                          f"{r['images_per_s']:.1f} | {r['images_per_s'] / ceil:.2f} | {e2e} | {lat_s} | "
                          f"{r['peak_rss_mb']:.0f} | {su if su is None else round(su, 2)} |")
         b = next(r for r in rows if r["name"] == "covidct-batch" and r["precision"] == "fp32")
+        lines += ["", "covidct-batch stages (ms per image, p50/p95/p99): " + "; ".join(
+            f"{k} {v['p50']}/{v['p95']}/{v['p99']}" for k, v in b["stages_ms"].items()), ""]
+    for syntax, rows in (report.get("dicom") or {}).items():
+        lines += [f"## DICOM, {syntax} ({rows[0]['images']} 512x512 int16 CT slices from the TCIA files, varied; "
+                  f"architecture `{report['by_arch'] and list(report['by_arch'])[0]}`)", "",
+                  "| contender | precision | runtime | steady images/s | end-to-end images/s | peak RSS MB |",
+                  "|---|---|---|---|---|---|"]
+        for r in rows:
+            lines.append(f"| {r['name']} | {r['precision']} | {r.get('runtime') or 'onnxruntime'} | "
+                         f"{r['images_per_s']:.1f} | {r['end_to_end_images_per_s']:.1f} | {r['peak_rss_mb']:.0f} |")
+        b = next(r for r in rows if r["name"] == "covidct-batch")
         lines += ["", "covidct-batch stages (ms per image, p50/p95/p99): " + "; ".join(
             f"{k} {v['p50']}/{v['p95']}/{v['p99']}" for k, v in b["stages_ms"].items()), ""]
     lines += ["Contenders: the ceiling is inference alone on decoded tensors (all cores, best runtime and batch "
@@ -403,6 +479,17 @@ def targets(report: dict) -> list[dict]:
             add(f"[{arch}] peak RSS (all processes, Ray's included) <= 3 x the plain loop's", v, v <= 3.0)
         add(f"[{arch}] first row on disk <= 1.5 s after the Ray runtime is up", b["startup_s"],
             b["startup_s"] is not None and b["startup_s"] <= 1.5)
+    for syntax, rows in (report.get("dicom") or {}).items():
+        for precision in ("fp32", "int8"):
+            ours = next((r for r in rows if r["name"] == "covidct-batch" and r["precision"] == precision), None)
+            loops = next((r for r in rows if r["name"] == "per_core_loops" and r["precision"] == precision), None)
+            if ours and loops:
+                v = ours["images_per_s"] / loops["images_per_s"]
+                add(f"[DICOM {syntax}] steady >= 0.90 x the per-core loops at {precision.upper()}", v,
+                    v >= 0.90 if syntax == "uncompressed" else f"reported ({v:.2f}): compressed, as measured")
+                v = ours["end_to_end_images_per_s"] / loops["end_to_end_images_per_s"]
+                add(f"[DICOM {syntax}] end to end >= 0.85 x the per-core loops at {precision.upper()}", v,
+                    v >= 0.85 if syntax == "uncompressed" else f"reported ({v:.2f}): compressed, as measured")
     if report.get("rss"):
         r = report["rss"]
         add("peak RSS at 50,000 <= 1.2 x at 5,000 images", r["ratio"], r["ratio"] <= 1.2)
@@ -433,10 +520,25 @@ def main() -> None:
     ap.add_argument("--skip-rss", action="store_true")
     ap.add_argument("--agreement-run", type=Path, default=None,
                     help="a covidct-train run exported with --int8 (model.onnx, model.int8.onnx, split.csv)")
+    ap.add_argument("--dicom", type=int, default=0, metavar="N",
+                    help="also screen N DICOM slices (uncompressed and JPEG 2000) with the default architecture")
+    ap.add_argument("--add-dicom", type=int, default=0, metavar="N",
+                    help="only run the DICOM part on N slices and add it to this machine class's saved report")
     ap.add_argument("--only", nargs="*", default=None)
     ap.add_argument("--results", type=Path, default=RESULTS)
     args = ap.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
+    if args.add_dicom:
+        m = machine()
+        stem = args.results / f"compare-{m['cores']}core-{'gpu' if m['gpu'] else cpu_class(m['cpu_flags'])}"
+        report = json.loads(stem.with_suffix(".json").read_text())
+        model = make_model(args.work, make_archive(args.work / f"archive_{report['n']}", report["n"]), args.arch[0])
+        report["dicom"] = dicom_runs(args.work, args.add_dicom, model)
+        report["command"] += f"; then python -m benchmarks.compare --add-dicom {args.add_dicom}"
+        stem.with_suffix(".json").write_text(json.dumps(report, indent=2, default=str))
+        rewrite(stem)
+        print(stem.with_suffix(".md").read_text())
+        return
     archive = make_archive(args.work / f"archive_{args.n}", args.n)
     names = args.only or ["ceiling", "covidct-batch", "per_core_loops", "seeds_way", "keras_contract", "ray_data",
                           "plain_loop"]
@@ -464,6 +566,8 @@ def main() -> None:
                 rows.append(contender(name, archive, path, args.work / arch, precision, runtime))
             print(f"  {rows[-1]['images_per_s']:.1f} img/s steady, {rows[-1]['end_to_end_images_per_s']:.1f} "
                   "end to end", file=sys.stderr, flush=True)
+    if args.dicom:
+        report["dicom"] = dicom_runs(args.work, args.dicom, make_model(args.work, archive, args.arch[0]))
     if not args.skip_rss:
         report["rss"] = rss_scaling(args.work, *args.rss_n)
     report["agreement"] = agreement_check(args.agreement_run)

@@ -23,7 +23,8 @@ from covidct.engine.decode import decode_file
 
 
 def list_images(archive: Path) -> list[str]:
-    return sorted(str(p) for p in Path(archive).rglob("*.jpg"))
+    """The archive's slices: JPEG (the synthetic archives) or DICOM (``benchmarks.compare.make_dicom_archive``)."""
+    return sorted(str(p) for p in Path(archive).rglob("*") if p.suffix in (".jpg", ".dcm"))
 
 
 def _session(model: str, threads: int):
