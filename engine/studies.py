@@ -23,9 +23,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .shift import PROBABILITY_BINS, STATS, Histograms, compare
 from .atomic import atomic_file
+from .rows import Status
+from .shift import PROBABILITY_BINS, STATS, Histograms, compare
 from .sink import PREDICTIONS, SCHEMA as ROW_SCHEMA
+
+#: The status column's values as SQL literals (engine.rows.Status), for the queries below.
+OK, ERROR, SKIPPED = (f"'{s.value}'" for s in (Status.OK, Status.ERROR, Status.SKIPPED))
 
 STUDIES = "studies.parquet"
 TMP = ".covidct-tmp"
@@ -131,15 +135,15 @@ class Rows:
 
     def error_file_ids(self) -> np.ndarray:
         """file_id of every current error row that has one (rows written before the column have none)."""
-        ids = self.con.execute("SELECT file_id FROM cur WHERE status = 'error' AND file_id IS NOT NULL").fetchnumpy()
+        ids = self.con.execute(f"SELECT file_id FROM cur WHERE status = {ERROR} AND file_id IS NOT NULL").fetchnumpy()
         return np.asarray(ids["file_id"], np.int64)
 
     def flagged_counts(self) -> dict[str, int]:
         return {("flagged" if p else "not flagged"): n for p, n in self.con.execute(
-            "SELECT positive, count(*) FROM cur WHERE status = 'ok' GROUP BY positive").fetchall()}
+            f"SELECT positive, count(*) FROM cur WHERE status = {OK} GROUP BY positive").fetchall()}
 
     def reasons(self) -> list[tuple[str, str, int]]:
-        return self.con.execute("SELECT status, reason, count(*) FROM cur WHERE status <> 'ok' "
+        return self.con.execute(f"SELECT status, reason, count(*) FROM cur WHERE status <> {OK} "
                                 "GROUP BY ALL ORDER BY status, reason").fetchall()
 
     def probability_histogram(self, bins: int = 20) -> np.ndarray:
@@ -169,7 +173,7 @@ class Rows:
 
     def top_flagged(self, limit: int) -> list[tuple[str, float, bytes | None]]:
         """The ``limit`` most probable current flagged slices: (path as rows show it, probability, thumbnail)."""
-        top = self.con.execute(f"""SELECT path, probability, file_id FROM cur WHERE status = 'ok' AND positive
+        top = self.con.execute(f"""SELECT path, probability, file_id FROM cur WHERE status = {OK} AND positive
                                    ORDER BY probability DESC, path LIMIT {int(limit)}""").fetchall()
         ids = [f for _, _, f in top if f is not None]
         thumbs: dict[int, bytes] = {}
@@ -189,7 +193,7 @@ class Rows:
         Each carries the shift alarm over its own slices against the model's ``reference``. Rows are
         in hash partitions of the study, sorted by study (and series) within each.
         Returns ``{"studies", "flagged", "shifted"}`` counts at the study level."""
-        bins = ", ".join(f"histogram({_bin_sql(k, lo, hi, b)}) FILTER (status = 'ok' AND has_stats) AS h_{k}"
+        bins = ", ".join(f"histogram({_bin_sql(k, lo, hi, b)}) FILTER (status = {OK} AND has_stats) AS h_{k}"
                          for k, (lo, hi, b) in STATS.items())
         pb = PROBABILITY_BINS
         summary = {"studies": 0, "flagged": 0, "shifted": 0}
@@ -204,17 +208,17 @@ class Rows:
                     cur = self.con.execute(f"""
                         WITH r AS (SELECT *, input_detail IS NOT NULL AND NOT isnan(input_detail) AS has_stats
                                    FROM cur WHERE study IS NOT NULL AND hash(study) % {passes} = {i})
-                        SELECT {by}, count(*) AS slices, count(*) FILTER (status = 'ok') AS ok,
-                               count(*) FILTER (status = 'error') AS errored,
-                               count(*) FILTER (status = 'skipped') AS skipped,
-                               count(*) FILTER (status = 'ok' AND positive) AS flagged_slices,
+                        SELECT {by}, count(*) AS slices, count(*) FILTER (status = {OK}) AS ok,
+                               count(*) FILTER (status = {ERROR}) AS errored,
+                               count(*) FILTER (status = {SKIPPED}) AS skipped,
+                               count(*) FILTER (status = {OK} AND positive) AS flagged_slices,
                                max(probability) AS max_probability,
-                               list_avg(max(probability, {int(top_k)}) FILTER (status = 'ok')) AS top_k_mean,
-                               arg_max(path, probability) FILTER (status = 'ok') AS top_slice_path,
-                               arg_max(sop_uid, probability) FILTER (status = 'ok') AS top_slice_sop_uid,
-                               arg_max(frame, probability) FILTER (status = 'ok') AS top_slice_frame,
-                               count(*) FILTER (status = 'ok' AND has_stats) AS n_stats, {bins},
-                               histogram({_bin_sql("probability", 0.0, 1.0, pb)}) FILTER (status = 'ok') AS h_probability
+                               list_avg(max(probability, {int(top_k)}) FILTER (status = {OK})) AS top_k_mean,
+                               arg_max(path, probability) FILTER (status = {OK}) AS top_slice_path,
+                               arg_max(sop_uid, probability) FILTER (status = {OK}) AS top_slice_sop_uid,
+                               arg_max(frame, probability) FILTER (status = {OK}) AS top_slice_frame,
+                               count(*) FILTER (status = {OK} AND has_stats) AS n_stats, {bins},
+                               histogram({_bin_sql("probability", 0.0, 1.0, pb)}) FILTER (status = {OK}) AS h_probability
                         FROM r GROUP BY {by} ORDER BY {by}""")
                     while True:
                         chunk = cur.fetchmany(batch_rows)
