@@ -418,6 +418,12 @@ def markdown(report: dict) -> str:
         if ag.get("bf16"):
             lines += ["", f"BF16: {ag['bf16']}."]
         lines.append("")
+    if report.get("rss"):
+        sizes = [k for k in report["rss"] if k != "ratio"]
+        lines += ["## Memory as the archive grows (a tiny model, 128x128 JPEG slices)", "",
+                  "; ".join(f"{int(k):,} slices: peak RSS {report['rss'][k]['peak_rss_mb']:.0f} MB "
+                            f"({report['rss'][k]['images_per_s']:.0f} images/s steady)" for k in sizes)
+                  + f"; ratio {report['rss']['ratio']:.3f}.", ""]
     lines += ["## Targets", "", "| target | measured | met |", "|---|---|---|"]
     for t in report["targets"]:
         met = t["met"] if isinstance(t["met"], str) else ("yes" if t["met"] else "**no**")
@@ -524,17 +530,23 @@ def main() -> None:
                     help="also screen N DICOM slices (uncompressed and JPEG 2000) with the default architecture")
     ap.add_argument("--add-dicom", type=int, default=0, metavar="N",
                     help="only run the DICOM part on N slices and add it to this machine class's saved report")
+    ap.add_argument("--add-rss", action="store_true",
+                    help="only run the RSS scaling (--rss-n) and add it to this machine class's saved report")
     ap.add_argument("--only", nargs="*", default=None)
     ap.add_argument("--results", type=Path, default=RESULTS)
     args = ap.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
-    if args.add_dicom:
+    if args.add_dicom or args.add_rss:
         m = machine()
         stem = args.results / f"compare-{m['cores']}core-{'gpu' if m['gpu'] else cpu_class(m['cpu_flags'])}"
         report = json.loads(stem.with_suffix(".json").read_text())
-        model = make_model(args.work, make_archive(args.work / f"archive_{report['n']}", report["n"]), args.arch[0])
-        report["dicom"] = dicom_runs(args.work, args.add_dicom, model)
-        report["command"] += f"; then python -m benchmarks.compare --add-dicom {args.add_dicom}"
+        if args.add_dicom:
+            model = make_model(args.work, make_archive(args.work / f"archive_{report['n']}", report["n"]), args.arch[0])
+            report["dicom"] = dicom_runs(args.work, args.add_dicom, model)
+            report["command"] += f"; then python -m benchmarks.compare --add-dicom {args.add_dicom}"
+        if args.add_rss:
+            report["rss"] = rss_scaling(args.work, *args.rss_n)
+            report["command"] += f"; then python -m benchmarks.compare --add-rss --rss-n {' '.join(map(str, args.rss_n))}"
         stem.with_suffix(".json").write_text(json.dumps(report, indent=2, default=str))
         rewrite(stem)
         print(stem.with_suffix(".md").read_text())
