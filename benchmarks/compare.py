@@ -186,9 +186,8 @@ def make_dicom_archive(root: Path, n: int, syntax: str = "uncompressed") -> Path
         ds = copy.deepcopy(bases[i % len(bases)])  # compress() changes file_meta: never share it
         px = ds.pixel_array.astype(np.int32)
         px = np.roll(px, tuple(rng.integers(-4, 5, 2)), axis=(0, 1)) + rng.integers(-6, 7, px.shape)
-        info = np.iinfo(px.dtype if ds.PixelRepresentation else np.uint16)
-        ds.PixelData = np.clip(px, max(info.min, -32768), min(info.max, 32767)).astype(
-            np.int16 if ds.PixelRepresentation else np.uint16).tobytes()
+        dtype = np.int16 if ds.PixelRepresentation else np.uint16
+        ds.PixelData = np.clip(px, np.iinfo(dtype).min, np.iinfo(dtype).max).astype(dtype).tobytes()
         ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID = study, series, generate_uid()
         ds.InstanceNumber = i % 100 + 1
         d = root / f"study{i // 100:04d}"

@@ -30,6 +30,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from benchmarks.compare import best_of, cpu_class
 from covidct.engine.contract import INTERPOLATIONS, LUNG_WINDOW
 from covidct.engine.decode import decode_grey_frames, decode_inputs, read_file, sniff
 from covidct.engine.preprocess import _shrink, default_spec, find_body_and_lungs, lung_crop
@@ -42,12 +43,8 @@ STAGES = ("read", "imdecode", "decode", "working_copy", "framing", "crop_resize_
 
 
 def _best(fn, repeats: int) -> float:
-    best = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t)
-    return best * 1e3
+    """Milliseconds of the fastest of ``repeats`` calls."""
+    return best_of(fn, repeats) * 1e3
 
 
 def decoder_alone(data: bytes):
@@ -141,7 +138,6 @@ def main() -> None:
     ap.add_argument("--results", type=Path, default=RESULTS)
     args = ap.parse_args()
     cv2.setNumThreads(1)  # one core, as each worker runs
-    from benchmarks.compare import cpu_class
 
     with tempfile.TemporaryDirectory() as tmp:
         report = {"date": time.strftime("%Y-%m-%d"), "cpu": cpu_name(), "cpu_flags": cpu_flags(),

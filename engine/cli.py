@@ -70,7 +70,7 @@ def main(inputs, model, out, from_list, overwrite, batch_size, num_cpus, predict
     (a bug); 130 interrupted (Ctrl-C, SIGTERM).
     """
     setup_logging(verbose)
-    from .pipeline import OutputError, RunError, ScreenConfig, run
+    from .pipeline import OutputError, ScreenConfig, run
 
     opts = {"batch_size": batch_size, "num_cpus": num_cpus, "predictors": predictors,
             "inference_threads": inference_threads, "max_in_flight": max_in_flight, "rows_per_part": rows_per_part,
@@ -88,9 +88,7 @@ def main(inputs, model, out, from_list, overwrite, batch_size, num_cpus, predict
                            pseudonym_key=key, fast_jpeg=fast_jpeg, worker_logs=verbose, thumbnails=thumbnails,
                            allow_unauthenticated_cluster=allow_unauthenticated_cluster,
                            **{k: v for k, v in opts.items() if v is not None})
-        summary = run(cfg)
-    except RunError as e:
-        raise CommandError(str(e), Exit.BAD_INPUT) from None
+        summary = run(cfg)  # a RunError is a CommandError: exit 2 with its message (engine.exits)
     except OutputError as e:
         raise CommandError(f"{e}. Every part written before is intact; free space (or fix OUT_DIR) and rerun the "
                            "same command to resume", Exit.OUTPUT_FAILED) from None

@@ -44,7 +44,6 @@ def main(model, data_dir, out, positive, target_sensitivity, calibrate, calibrat
     setup_logging(verbose)
     from .evaluate import CalibrationRefused, EvaluateConfig, evaluate, format_report
     from .labels import DataError
-    from .pipeline import RunError
 
     out = out or Path(f"evaluation-{Path(data_dir).resolve().name}")
     try:
@@ -56,7 +55,7 @@ def main(model, data_dir, out, positive, target_sensitivity, calibrate, calibrat
     except CalibrationRefused as e:
         print(f"covidct-evaluate: --calibrate refused: {e}", file=sys.stderr)
         return Exit.BAD_INPUT
-    except (RunError, DataError) as e:
+    except DataError as e:  # a RunError is a CommandError already (engine.exits)
         raise CommandError(str(e)) from None
     click.echo(format_report(report, out))
     return Exit.FILE_ERRORS if report["files"]["unreadable"] else Exit.OK

@@ -109,8 +109,6 @@ class ScreenConfig:
             raise RunError(f"--predictors must be >= 1; got {self.predictors}")
 
 
-# --------------------------------------------------------------------------- driver
-
 def check_model(model: Path) -> Contract:
     """Fail before any work: the file must exist, load in ONNX Runtime and carry a valid contract."""
     if not Path(model).is_file():

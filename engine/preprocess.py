@@ -105,12 +105,6 @@ def _shrink(grey: np.ndarray, work: int) -> tuple[np.ndarray, int]:
     return cv2.resize(grey[:hh * f, :ww * f], (ww, hh), interpolation=cv2.INTER_AREA), f
 
 
-def _percentile(values: np.ndarray, q: float) -> float:
-    """The q-th percentile (lower value) of uint8 values, from their histogram: no sort."""
-    cdf = np.cumsum(np.bincount(values, minlength=256))
-    return float(np.searchsorted(cdf, q / 100.0 * (cdf[-1] - 1), side="right"))
-
-
 def _otsu(values: np.ndarray) -> float:
     t, _ = cv2.threshold(values.reshape(-1, 1), 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
     return float(t)
@@ -195,7 +189,7 @@ def _hist(small: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
 
 
 def _hist_percentile(hist: np.ndarray, q: float) -> float:
-    """The q-th percentile (lower value) of the values a histogram counts: ``_percentile`` of them."""
+    """The q-th percentile (lower value) of the uint8 values a histogram counts: no sort."""
     cdf = np.cumsum(hist)
     return float(np.searchsorted(cdf, q / 100.0 * (cdf[-1] - 1), side="right"))
 

@@ -61,6 +61,7 @@ _TIME = r"(?:[t_\- .]?\d{2}(?:[:\-.]?\d{2}){0,2}(?:\.\d+)?)?"
 # -- reading the values ------------------------------------------------------------------------------------
 
 
+@functools.lru_cache(maxsize=1)
 def _tags() -> dict[int, bool]:
     """Tag number -> whether its values are identifiers."""
     from pydicom.datadict import tag_for_keyword
@@ -73,16 +74,11 @@ def _raw_texts(elem) -> list[str]:
     raw = getattr(elem, "value", None)
     if not isinstance(raw, (bytes, bytearray)):
         return []
-    text = bytes(raw).decode("utf-8") if _utf8(raw) else bytes(raw).decode("latin-1")
-    return text.replace("\x00", " ").split("\\")
-
-
-def _utf8(b: bytes) -> bool:
     try:
-        b.decode("utf-8")
-        return True
+        text = bytes(raw).decode("utf-8")
     except UnicodeDecodeError:
-        return False
+        text = bytes(raw).decode("latin-1")
+    return text.replace("\x00", " ").split("\\")
 
 
 def identifying_values(ds) -> list[str]:
