@@ -217,3 +217,28 @@ def test_site_batch_norm_trains_per_site_and_merges_into_the_plain_model():
     a = model.predict({"image": x, "site": site}, verbose=0)
     b = same.predict(x, verbose=0)
     assert np.allclose(a, b, atol=1e-5)
+
+
+def test_mix_style_mixes_slice_statistics_in_training_only():
+    """MixStyle moves each slice's channel statistics towards another slice's in training and is the identity
+    at inference: a model built with it predicts exactly as one without it, with the same weights."""
+    from covidct.train.model import build_compact, mix_style
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(0, 1, (16, 8, 8, 4)).astype(np.float32)
+    x[8:] = x[8:] * 5 + 20  # the second half: another site's contrast and level
+    layer = mix_style(p=1.0, alpha=0.1, seed=0)
+    assert np.array_equal(np.asarray(layer(x, training=False)), x)
+    y = np.asarray(layer(x, training=True))
+    means_in, means_out = x.mean(axis=(1, 2)), y.mean(axis=(1, 2))
+    assert not np.allclose(means_in, means_out)
+    # a slice mixed with a slice of the other half moved towards it: its level is no longer its own half's
+    moved = np.abs(means_out - means_in).max(axis=1) > 1.0
+    assert moved.any()
+
+    size = (32, 32)
+    with_ms, without = build_compact(size, seed=1), build_compact(size, seed=1, mixstyle=False)
+    assert sum("mix_style" in l.name for l in with_ms.layers) == 3
+    without.set_weights(with_ms.get_weights())
+    img = rng.integers(0, 256, (4, *size, 1)).astype(np.float32)
+    assert np.allclose(with_ms.predict(img, verbose=0), without.predict(img, verbose=0), atol=1e-6)

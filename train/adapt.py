@@ -59,6 +59,7 @@ class AdaptConfig:
     positive: str | None = None
     target_sensitivity: float | None = None   # None: the source model's
     site_augmentation: bool = True
+    augment_share: float = 0.5
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -130,7 +131,8 @@ def _fine_tune(model_path: Path, contract: Contract, cfg: AdaptConfig, ds: data_
     tcfg = TrainConfig(data_dir=cfg.local_dir, out=cfg.out, arch=contract.architecture,
                        image_size=tuple(contract.image_size), batch_size=cfg.batch_size, seed=seed,
                        interpolation=contract.interpolation, window=dict(contract.window),
-                       site_augmentation=cfg.site_augmentation, epochs=cfg.epochs, learning_rate=cfg.learning_rate)
+                       site_augmentation=cfg.site_augmentation, augment_share=cfg.augment_share, epochs=cfg.epochs,
+                       learning_rate=cfg.learning_rate)
     labels = ds.labels[idx]
     seq = SiteSequence([ds.grey[i] for i in idx], labels, sites_mod.sample_weights(np.zeros(len(idx), np.int64), labels),
                        tcfg, dict(contract.preprocessing), cfg.site_augmentation)

@@ -39,6 +39,10 @@ from covidct.engine.logs import setup_logging
               help="Peak learning rate (compact: 2e-3 AdamW; seed: 1e-4 Adam; --init: 3e-4 AdamW).")
 @click.option("--site-augmentation/--no-site-augmentation", default=None,
               help="Imitate other hospitals' windows, framing, text and quality while training (compact: on).")
+@click.option("--augment-share", type=click.FloatRange(0, 1), default=None,
+              help="Share of training draws that site augmentation changes (default 0.5).")
+@click.option("--mix-style/--no-mix-style", default=None,
+              help="Compact: mix slices' feature statistics while training (MixStyle; default on).")
 @click.option("--batch-size", type=click.IntRange(1), default=None)
 @click.option("--seed", type=int, default=None)
 @click.option("--target-sensitivity", type=click.FloatRange(0, 1, min_open=True), default=None,
@@ -46,14 +50,15 @@ from covidct.engine.logs import setup_logging
 @click.option("-v", "--verbose", is_flag=True)
 @command("covidct-train")
 def main(site_dirs, out, named_sites, leave_one_site_out, site_norm, init, adapt_method, positive, groups, arch, preprocessing,
-         epochs, image_size, learning_rate, site_augmentation, batch_size, seed, target_sensitivity, verbose):
+         epochs, image_size, learning_rate, site_augmentation, augment_share, mix_style, batch_size, seed, target_sensitivity, verbose):
     """Train the COVID-19 CT slice classifier on one or more sites (SITE_DIRS, each one sub-folder per class),
     or, with --init, adapt a trained model to one local site."""
     setup_logging(verbose)
     from .data import DataError
 
     opts = {"epochs": epochs, "batch_size": batch_size, "seed": seed, "target_sensitivity": target_sensitivity,
-            "learning_rate": learning_rate, "site_augmentation": site_augmentation}
+            "learning_rate": learning_rate, "site_augmentation": site_augmentation,
+            "augment_share": augment_share, "mix_style": mix_style}
     try:
         if init is not None:
             metrics, text = _adapt(site_dirs, named_sites, init, out, adapt_method, positive, groups, opts,
@@ -85,6 +90,8 @@ def _adapt(site_dirs, named_sites, init, out, method, positive, groups, opts, le
     from .adapt import AdaptConfig, adapt, summary
     from .data import DataError
 
+    if opts.pop("mix_style", None) is not None:
+        raise DataError("--mix-style is a training choice: --init adapts the source run's model as it was built")
     if len(site_dirs) + len(named_sites) != 1 or leave_one_site_out:
         raise DataError("--init adapts to one local folder: give exactly one LOCAL_DIR (and no --leave-one-site-out)")
     local = site_dirs[0] if site_dirs else Path(named_sites[0].partition("=")[2])

@@ -46,7 +46,44 @@ def _residual(x, channels, strides, site=None):
     return layers.ReLU()(layers.Add()([x, y]))
 
 
-def build_compact(image_size: tuple[int, int], seed: int = 0, dropout: float = 0.3, sites: int = 0):
+#: Feature-statistics mixing (MixStyle, Zhou et al., ICLR 2021) after the stem and the first two stages, where
+#: the features carry a site's style (contrast, texture, noise) more than its content: each slice's
+#: channel means and deviations are, with probability ``p``, mixed with another slice's of the batch
+#: (a Beta(alpha, alpha) weight). Training only: identity at inference, so the exported graph has no trace.
+MIXSTYLE = {"p": 0.5, "alpha": 0.1, "after": (0, 1, 2)}
+
+
+def mix_style(p: float = MIXSTYLE["p"], alpha: float = MIXSTYLE["alpha"], seed: int = 0, eps: float = 1e-6):
+    import keras
+    from keras import ops
+
+    class MixStyle(keras.layers.Layer):
+        def __init__(self, **kwargs):
+            super().__init__(**kwargs)
+            self.seed_generator = keras.random.SeedGenerator(seed)
+
+        def call(self, x, training=None):
+            if not training:
+                return x
+            n = ops.shape(x)[0]
+            mu = ops.stop_gradient(ops.mean(x, axis=(1, 2), keepdims=True))
+            sig = ops.stop_gradient(ops.sqrt(ops.var(x, axis=(1, 2), keepdims=True) + eps))
+            lam = keras.random.beta((n, 1, 1, 1), alpha, alpha, seed=self.seed_generator)
+            perm = keras.random.shuffle(ops.arange(n), seed=self.seed_generator)
+            mu_mix = lam * mu + (1 - lam) * ops.take(mu, perm, axis=0)
+            sig_mix = lam * sig + (1 - lam) * ops.take(sig, perm, axis=0)
+            mixed = (x - mu) / sig * sig_mix + mu_mix
+            apply = keras.random.uniform((n, 1, 1, 1), seed=self.seed_generator) < p
+            return ops.where(apply, mixed, x)
+
+        def compute_output_shape(self, input_shape):
+            return input_shape
+
+    return MixStyle()
+
+
+def build_compact(image_size: tuple[int, int], seed: int = 0, dropout: float = 0.3, sites: int = 0,
+                  mixstyle: bool = True):
     """Stem conv, four residual stages, global average pooling, dropout, sigmoid.
 
     Global pooling makes the decision from what the features find wherever it is, not from where
@@ -63,8 +100,12 @@ def build_compact(image_size: tuple[int, int], seed: int = 0, dropout: float = 0
     site = keras.Input((sites,), name="site") if sites > 1 else None
     x = layers.Rescaling(1.0 / 255.0)(inputs)
     x = _conv_bn_relu(x, COMPACT_WIDTHS[0], 3, 2, site)
-    for channels in COMPACT_WIDTHS[1:]:
+    if mixstyle and 0 in MIXSTYLE["after"]:
+        x = mix_style(seed=seed)(x)
+    for stage, channels in enumerate(COMPACT_WIDTHS[1:], 1):
         x = _residual(x, channels, 2, site)
+        if mixstyle and stage in MIXSTYLE["after"]:
+            x = mix_style(seed=seed + stage)(x)
     x = layers.GlobalAveragePooling2D()(x)
     x = layers.Dropout(dropout, seed=seed)(x)
     outputs = layers.Dense(1, activation="sigmoid", name="probability")(x)
@@ -161,10 +202,10 @@ def build_seed(image_size: tuple[int, int], seed: int = 0):
     return model
 
 
-def build_model(image_size: tuple[int, int], seed: int = 0, arch: str = "seed"):
+def build_model(image_size: tuple[int, int], seed: int = 0, arch: str = "seed", mixstyle: bool = True):
     """The named architecture (uncompiled for "compact": its optimizer depends on the schedule)."""
     if arch == "compact":
-        return build_compact(image_size, seed)
+        return build_compact(image_size, seed, mixstyle=mixstyle)
     if arch == "seed":
         return build_seed(image_size, seed)
     raise ValueError(f"arch must be one of {list(ARCHITECTURES)}; got {arch!r}")
