@@ -185,6 +185,9 @@ def test_init_refuses_a_missing_or_incompatible_run_and_a_small_set(trained_run,
     r = run_cli("covidct-train", local, small, "--init", trained_run["run"], "--out", tmp_path / "o5")
     assert r.returncode == 2 and "exactly one LOCAL_DIR" in r.stderr
 
+    r = run_cli("covidct-train", local, "--init", trained_run["run"], "--no-mix-style", "--out", tmp_path / "o6")
+    assert r.returncode == 2 and "--mix-style is a training choice" in r.stderr and not (tmp_path / "o6").exists()
+
 
 @pytest.mark.slow
 def test_site_batch_norm_trains_per_site_and_merges_into_the_plain_model():

@@ -54,6 +54,10 @@ def test_exported_model_carries_contract_and_matches_keras(trained_run):
     proto = onnx.load(model_path)
     assert proto.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.UINT8
     assert proto.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "batch"
+    # training-only layers (MixStyle, the seeds' random augmentation) leave no trace in the exported graph
+    ops = {n.op_type for n in proto.graph.node}
+    assert not ops & {"RandomUniform", "RandomUniformLike", "RandomNormal", "Where", "ReduceVariance"}, ops
+    assert {"Conv", "GlobalAveragePool", "Sigmoid"} <= ops
 
     paths = sorted((trained_run["data"] / "Infected").iterdir())[:10]
     x = np.stack([decode_file(p, **contract.decode_kwargs()) for p in paths])[..., None]
