@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -99,7 +100,8 @@ def _evaluation(path: Path) -> dict:
             "specificity": at["specificity"], "specificity_ci95": at["specificity_ci95"]}
 
 
-def run(source: Path, site: Path, work: Path, sizes: list[int], seed: int, groups: str, method: str) -> dict:
+def run(source: Path, site: Path, work: Path, sizes: list[int], seed: int, groups: str, method: str,
+        init_args: tuple[str, ...] = ()) -> dict:
     work.mkdir(parents=True, exist_ok=True)
     samples, unseen = nested_samples(site, sizes, seed, groups)
     unseen_dir = _folder(work / "unseen", unseen)
@@ -113,14 +115,14 @@ def run(source: Path, site: Path, work: Path, sizes: list[int], seed: int, group
     if r.returncode not in (0, 1):
         raise SystemExit(r.stderr[-3000:])
     report = {"source_run": str(source), "site": str(site), "unseen": len(unseen), "groups": groups, "seed": seed,
-              "method": method, "source_on_unseen": _evaluation(work / "eval-source"), "sizes": []}
+              "method": method, "init_args": list(init_args), "source_on_unseen": _evaluation(work / "eval-source"), "sizes": []}
     for n, sample in zip(sorted(sizes), samples):
         local = _folder(work / f"local-{n}", sample)
         row = {"n": len(sample), "classes": {c: sum(1 for k, _ in sample if k == c) for c in resolve_classes(site)}}
         out = work / f"adapt-{n}"
         shutil.rmtree(out, ignore_errors=True)
         r, t_train = _cli("covidct-train", local, "--init", source, "--out", out, "--groups", groups,
-                          "--adapt", method, log=log)
+                          "--adapt", method, *init_args, log=log)
         if r.returncode == 0:
             r2, t_export = _cli("covidct-export", out, "--out", out / "model.onnx", log=log)
             _cli("covidct-evaluate", out / "model.onnx", unseen_dir, "--out", work / f"eval-adapt-{n}",
@@ -162,7 +164,8 @@ def markdown(r: dict) -> str:
         "",
         f"Machine: {m['cores']} cores, {m['cpu']}, **CPU flags: {' '.join(m['cpu_flags'])}**; {r['date']}.",
         f"Source run `{r['source_run']}`; new site `{r['site']}`; {r['unseen']} unseen slices (outside every sample, "
-        f"whole source figures, groups `{r['groups']}`), seed {r['seed']}; `--adapt {r['method']}`.",
+        f"whole source figures, groups `{r['groups']}`), seed {r['seed']}; `--adapt {r['method']}`"
+        + "".join(f" `{a}`" for a in r.get("init_args", [])) + ".",
         "",
         f"Source model on the unseen slices, not adapted: AUC {_fig(s)}.",
         "",
@@ -196,8 +199,10 @@ def main() -> None:
     ap.add_argument("--adapt", default="all", choices=["all", "bn", "head"])
     ap.add_argument("--results", type=Path, default=RESULTS)
     ap.add_argument("--tag", default="", help="suffix of the result files")
+    ap.add_argument("--init-args", default="", help="more options for covidct-train --init, e.g. '--epochs 20'")
     args = ap.parse_args()
-    report = run(args.source, args.site, args.work, args.sizes, args.seed, args.groups, args.adapt)
+    report = run(args.source, args.site, args.work, args.sizes, args.seed, args.groups, args.adapt,
+                 tuple(shlex.split(args.init_args)))
     report["machine"] = machine()
     report["date"] = time.strftime("%Y-%m-%d")
     m = report["machine"]
