@@ -115,7 +115,8 @@ def run(source: Path, site: Path, work: Path, sizes: list[int], seed: int, group
     if r.returncode not in (0, 1):
         raise SystemExit(r.stderr[-3000:])
     report = {"source_run": str(source), "site": str(site), "unseen": len(unseen), "groups": groups, "seed": seed,
-              "method": method, "init_args": list(init_args), "source_on_unseen": _evaluation(work / "eval-source"), "sizes": []}
+              "method": method, "init_args": list(init_args), "source_on_unseen": _evaluation(work / "eval-source"),
+              "sizes": []}
     for n, sample in zip(sorted(sizes), samples):
         local = _folder(work / f"local-{n}", sample)
         row = {"n": len(sample), "classes": {c: sum(1 for k, _ in sample if k == c) for c in resolve_classes(site)}}

@@ -35,6 +35,7 @@ from covidct.engine.metrics import operating_threshold
 
 from . import data as data_mod
 from . import sites as sites_mod
+from .fit import AUGMENT_SHARE
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +60,7 @@ class AdaptConfig:
     positive: str | None = None
     target_sensitivity: float | None = None   # None: the source model's
     site_augmentation: bool = True
-    augment_share: float = 0.5
+    augment_share: float = AUGMENT_SHARE
 
     def __post_init__(self):
         if self.method not in METHODS:

@@ -99,13 +99,12 @@ def build_compact(image_size: tuple[int, int], seed: int = 0, dropout: float = 0
     inputs = keras.Input((*image_size, 1), name="image")
     site = keras.Input((sites,), name="site") if sites > 1 else None
     x = layers.Rescaling(1.0 / 255.0)(inputs)
-    x = _conv_bn_relu(x, COMPACT_WIDTHS[0], 3, 2, site)
-    if mixstyle and 0 in MIXSTYLE["after"]:
-        x = mix_style(seed=seed)(x)
+    def styled(x, stage):  # stage 0 is the stem
+        return mix_style(seed=seed + stage)(x) if mixstyle and stage in MIXSTYLE["after"] else x
+
+    x = styled(_conv_bn_relu(x, COMPACT_WIDTHS[0], 3, 2, site), 0)
     for stage, channels in enumerate(COMPACT_WIDTHS[1:], 1):
-        x = _residual(x, channels, 2, site)
-        if mixstyle and stage in MIXSTYLE["after"]:
-            x = mix_style(seed=seed + stage)(x)
+        x = styled(_residual(x, channels, 2, site), stage)
     x = layers.GlobalAveragePooling2D()(x)
     x = layers.Dropout(dropout, seed=seed)(x)
     outputs = layers.Dense(1, activation="sigmoid", name="probability")(x)
