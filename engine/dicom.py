@@ -9,6 +9,7 @@ Identifying header values never leave this module except as the list used to red
 
 from __future__ import annotations
 
+import functools
 import io
 import math
 import warnings
@@ -185,6 +186,40 @@ def window_to_grey(hu: np.ndarray, level: float, width: float, invert: bool = Fa
     return np.rint(g).astype(np.uint8)
 
 
+def stored_to_grey(stored: np.ndarray, slope: float, intercept: float, level: float, width: float,
+                   invert: bool = False, pad: tuple[int, int] | None = None) -> np.ndarray:
+    """Stored pixel values to the window's uint8 grey, padding (stored values in ``pad``, inclusive) to 0.
+
+    The definition is :func:`hounsfield` then :func:`window_to_grey`. For 16-bit (and 8-bit) stored
+    values it runs as a lookup table made by that same definition over every value the type holds, so
+    the result is the same to the bit, at about a quarter of the float arithmetic's cost per slice
+    (one CT series shares its table: it is cached)."""
+    if stored.dtype in _LUT_TYPES:
+        lut = _window_lut(stored.dtype.str, float(slope), float(intercept), float(level), float(width),
+                          bool(invert), None if pad is None else (int(pad[0]), int(pad[1])))
+        bits = _LUT_TYPES[stored.dtype]
+        return np.take(lut, np.ascontiguousarray(stored).view(bits))
+    padding = None if pad is None else (stored >= pad[0]) & (stored <= pad[1])
+    return window_to_grey(hounsfield(stored, slope, intercept), level, width, invert, padding)
+
+
+#: Stored types windowed through a table, and the unsigned type of the same width whose values index it.
+_LUT_TYPES = {np.dtype(t): np.dtype(u) for t, u in (("<i2", "<u2"), ("<u2", "<u2"), ("i1", "u1"), ("u1", "u1"))}
+
+
+@functools.lru_cache(maxsize=32)
+def _window_lut(dtype: str, slope: float, intercept: float, level: float, width: float, invert: bool,
+                pad: tuple[int, int] | None) -> np.ndarray:
+    """uint8 grey of every value of ``dtype``, indexed by the value's bits read as unsigned."""
+    dt = np.dtype(dtype)
+    bits = _LUT_TYPES[dt]
+    values = np.arange(1 << (8 * dt.itemsize), dtype=bits).view(dt)
+    padding = None if pad is None else (values >= pad[0]) & (values <= pad[1])
+    lut = window_to_grey(hounsfield(values, slope, intercept), level, width, invert, padding)
+    lut.flags.writeable = False
+    return lut
+
+
 DEFLATED = "1.2.840.10008.1.2.1.99"
 
 
@@ -311,13 +346,11 @@ def _decode_pixels(ds, data: bytes, window: dict, max_pixels: int, ident: list[s
     out = []
     for i in range(pixels.shape[0]):
         stored = pixels[i]
-        padding = None
+        pad = None
         if pad_value is not None:
-            a, b = sorted((int(pad_value), int(pad_limit))) if pad_limit is not None else (int(pad_value),) * 2
-            padding = (stored >= a) & (stored <= b)
+            pad = tuple(sorted((int(pad_value), int(pad_limit)))) if pad_limit is not None else (int(pad_value),) * 2
         slope, intercept = _frame_rescale(ds, i)
-        grey = window_to_grey(hounsfield(stored, slope, intercept), float(window["level"]), float(window["width"]),
-                              invert, padding)
+        grey = stored_to_grey(stored, slope, intercept, float(window["level"]), float(window["width"]), invert, pad)
         out.append(Slice(grey, i, study, series, sop, _int_or_none(inst),
                          _frame_position(ds, i), ident, no_burned_in))
     return out

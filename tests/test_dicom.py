@@ -83,6 +83,31 @@ def test_enhanced_multiframe_ct_rescales_per_frame():
     assert [sl.frame for _, sl in got] == [0, 1]
 
 
+@pytest.mark.parametrize("dtype", [np.int16, np.uint16, np.uint8])
+def test_windowing_by_table_equals_the_float_definition_to_the_bit(dtype):
+    from covidct.engine.dicom import hounsfield, stored_to_grey, window_to_grey
+
+    info = np.iinfo(dtype)
+    rng = np.random.default_rng(int(info.max))
+    stored = rng.integers(info.min, info.max, size=(64, 80), endpoint=True).astype(dtype)
+    stored[0, :8] = [info.min, info.max, 0, 1, info.max - 1, info.min + 1, 2, 3]
+    cases = [(1.0, -1024.0, -600.0, 1500.0, False, None), (0.5, 12.5, 40.0, 400.0, True, None),
+             (2.0, -3000.0, -600.0, 1500.0, False, (int(info.min), int(info.min) + 5)),
+             (1.0, 0.0, -1000.0, 6000.0, True, (-2000, -2000)), (1.0, 0.0, 0.0, 1.0, False, (3, 3))]
+    for slope, intercept, level, width, invert, pad in cases:
+        padding = None if pad is None else (stored >= pad[0]) & (stored <= pad[1])
+        ref = window_to_grey(hounsfield(stored, slope, intercept), level, width, invert, padding)
+        got = stored_to_grey(stored, slope, intercept, level, width, invert, pad)
+        assert got.dtype == np.uint8 and got.shape == stored.shape
+        assert np.array_equal(got, ref), (slope, intercept, level, width, invert, pad)
+        # a view of a multi-frame array (not contiguous) and a float array (no table) agree too
+        assert np.array_equal(stored_to_grey(stored[:, ::2], slope, intercept, level, width, invert, pad),
+                              ref[:, ::2])
+    as_float = stored.astype(np.float32)
+    assert np.array_equal(stored_to_grey(as_float, 1.0, -1024.0, -600.0, 1500.0),
+                          stored_to_grey(stored, 1.0, -1024.0, -600.0, 1500.0))
+
+
 def write_ct(path: Path, hu: np.ndarray) -> Path:
     """A CT slice holding ``hu`` (stored as scanners do: uint16 with intercept -1024), on CT_small's header."""
     ds = pydicom.dcmread(dicom_file("CT_small.dcm"))
