@@ -31,7 +31,7 @@ import cv2
 import numpy as np
 
 from benchmarks.compare import best_of, cpu_class
-from covidct.engine.contract import INTERPOLATIONS, LUNG_WINDOW
+from covidct.engine.contract import DEFAULT_INTERPOLATION, INTERPOLATIONS, LUNG_WINDOW
 from covidct.engine.decode import decode_grey_frames, decode_inputs, read_file, sniff
 from covidct.engine.preprocess import _shrink, default_spec, find_body_and_lungs, lung_crop
 from covidct.engine.runtimes import cpu_flags, cpu_name
@@ -70,7 +70,7 @@ def measure_file(path: Path, size=(256, 256), spec=None, repeats: int = 20) -> d
     """Milliseconds of each stage (best of ``repeats``) for one file, and ``ratio`` = whole / imdecode."""
     spec = spec or default_spec()
     data = Path(path).read_bytes()
-    interp = INTERPOLATIONS["area"]
+    interp = INTERPOLATIONS[DEFAULT_INTERPOLATION]  # what a new model's contract names
     grey = decode_grey_frames(data, window=LUNG_WINDOW)[0][0]
     small, _ = _shrink(grey, int(spec["work_size"]))
     img, framing = lung_crop(grey, size, interp, spec)
@@ -83,7 +83,7 @@ def measure_file(path: Path, size=(256, 256), spec=None, repeats: int = 20) -> d
         "lung_crop": _best(lambda: lung_crop(grey, size, interp, spec), repeats),
         "statistics": _best(lambda: slice_stats(img, framing), repeats),
         "whole": _best(lambda: [slice_stats(i, f) for i, _, f in decode_inputs(
-            read_file(path), size, "area", window=LUNG_WINDOW, preprocessing=spec)], repeats),
+            read_file(path), size, DEFAULT_INTERPOLATION, window=LUNG_WINDOW, preprocessing=spec)], repeats),
     }
     t["crop_resize_map"] = max(0.0, t["lung_crop"] - t["working_copy"] - t["framing"])
     t["ratio"] = t["whole"] / t["imdecode"]

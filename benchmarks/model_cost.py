@@ -65,6 +65,7 @@ def _slices(limit: int) -> tuple[list[bytes], str]:
 
 
 def preprocessing_cost(limit: int = 400, rounds: int = 5, size=(192, 192)) -> dict:
+    from covidct.engine.contract import DEFAULT_INTERPOLATION, INTERPOLATIONS
     from covidct.engine.decode import decode_grey_frames, resize
     from covidct.engine.preprocess import default_spec
 
@@ -75,11 +76,11 @@ def preprocessing_cost(limit: int = 400, rounds: int = 5, size=(192, 192)) -> di
     from covidct.engine.shift import slice_stats
 
     spec = default_spec()
-    framed = [preprocess(g, size, cv2.INTER_AREA, spec) for g in greys]
+    framed = [preprocess(g, size, INTERPOLATIONS[DEFAULT_INTERPOLATION], spec) for g in greys]
     steps = {
         "decode": lambda: [decode_grey_frames(d) for d in data],
-        "resize": lambda: [resize(g, size, "area", None) for g in greys],
-        "lung_crop": lambda: [resize(g, size, "area", spec) for g in greys],
+        "resize": lambda: [resize(g, size, DEFAULT_INTERPOLATION, None) for g in greys],
+        "lung_crop": lambda: [resize(g, size, DEFAULT_INTERPOLATION, spec) for g in greys],
         "shift_stats": lambda: [slice_stats(x, f) for x, f in framed],
     }
     best = {k: float("inf") for k in steps}

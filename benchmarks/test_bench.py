@@ -33,12 +33,12 @@ def jpeg512() -> bytes:
 
 def test_decode_resize(benchmark, jpeg512):
     benchmark.extra_info.update(image_size=list(SIZE), source="512x512 JPEG", interpolation="area")
-    out = benchmark(decode_and_resize, jpeg512, SIZE)
+    out = benchmark(decode_and_resize, jpeg512, SIZE, "area")
     assert out.shape == SIZE
     # our checks (format sniffing, header size, end marker) cost little beside OpenCV's own work
     raw = best_of(lambda: cv2.resize(cv2.imdecode(np.frombuffer(jpeg512, np.uint8), cv2.IMREAD_GRAYSCALE), SIZE,
                                    interpolation=cv2.INTER_AREA))
-    ours = best_of(lambda: decode_and_resize(jpeg512, SIZE))
+    ours = best_of(lambda: decode_and_resize(jpeg512, SIZE, "area"))  # the same resize as raw's
     assert ours <= 1.5 * raw, (ours, raw)
 
 

@@ -15,7 +15,7 @@ from typing import Any
 
 import cv2
 
-from .preprocess import RESIZE, default_spec, spec_problems
+from .preprocess import AREA_LINEAR, INTER_AREA_LINEAR, RESIZE, default_spec, spec_problems
 from .shift import reference_problems
 
 #: Key under which the contract JSON is stored in the ONNX model's metadata_props.
@@ -26,10 +26,15 @@ METADATA_KEY = "covidct_contract"
 SCHEMA_VERSION = 2
 SUPPORTED_SCHEMAS = (1, 2)
 
-DEFAULT_INTERPOLATION = "area"
+#: What new models are trained with (``engine.preprocess.resample``: area quality at linear cost).
+DEFAULT_INTERPOLATION = AREA_LINEAR
+#: What a contract that names no interpolation was made with (every writer before area-linear).
+EARLIER_INTERPOLATION = "area"
 
-#: Interpolation names a contract may use, mapped to OpenCV flags.
+#: Interpolation names a contract may use, mapped to the flags ``engine.preprocess.resample`` takes
+#: (OpenCV's, and area-linear's own).
 INTERPOLATIONS = {
+    AREA_LINEAR: INTER_AREA_LINEAR,
     "area": cv2.INTER_AREA,
     "linear": cv2.INTER_LINEAR,
     "cubic": cv2.INTER_CUBIC,
@@ -59,7 +64,7 @@ class Contract:
         positive_class: the class a probability refers to (``class_names[1]``).
         threshold: probability at or above which a slice is labelled positive.
         channels: grey images only: 1.
-        interpolation: key of ``INTERPOLATIONS`` used by ``cv2.resize``.
+        interpolation: key of ``INTERPOLATIONS``: how ``engine.preprocess.resample`` resizes.
         input_name / output_name: ONNX tensor names.
         input_dtype / layout: the input is uint8 NHWC; scaling happens in the graph.
         precision: "fp32", or "int8" for a QDQ-quantized model.
@@ -199,6 +204,7 @@ class Contract:
             data["preprocessing"] = {"method": RESIZE}  # what every schema 1 model was trained on
         elif "preprocessing" not in data:
             raise ContractError("a schema 2 contract must say its preprocessing")
+        data.setdefault("interpolation", EARLIER_INTERPOLATION)
         data["image_size"] = tuple(data["image_size"])
         data["class_names"] = tuple(data["class_names"])
         try:

@@ -93,6 +93,29 @@ def spec_problems(spec: dict) -> list[str]:
     return p
 
 
+#: Interpolation "area-linear": while the source is at least twice the output on both sides, an
+#: integer-factor area reduction (OpenCV's fast path), then bit-exact bilinear for the rest (a factor
+#: below 2). Area's anti-aliasing for large reductions at a fraction of its cost (OpenCV's INTER_AREA at
+#: a non-integer factor took 0.13 ms for a 224x296 crop to 192x192, 0.58 ms from 700x800; this 0.04
+#: and 0.23 ms); below a factor 2 it is bilinear, which aliases the finest detail more than area does.
+AREA_LINEAR = "area-linear"
+INTER_AREA_LINEAR = -1  # its flag for resample(); never a cv2 flag
+
+
+def resample(img: np.ndarray, size: tuple[int, int], interpolation: int) -> np.ndarray:
+    """``img`` resized to ``size`` (width, height) with an OpenCV flag or ``INTER_AREA_LINEAR``."""
+    if interpolation != INTER_AREA_LINEAR:
+        return cv2.resize(img, size, interpolation=interpolation)
+    w, h = size
+    f = int(min(img.shape[0] / h, img.shape[1] / w))
+    if f >= 2:
+        hh, ww = img.shape[0] // f, img.shape[1] // f
+        img = cv2.resize(img[:hh * f, :ww * f], (ww, hh), interpolation=cv2.INTER_AREA)
+    if img.shape[:2] == (h, w):
+        return img
+    return cv2.resize(img, size, interpolation=cv2.INTER_LINEAR_EXACT)
+
+
 def _shrink(grey: np.ndarray, work: int) -> tuple[np.ndarray, int]:
     """Integer-factor area reduction (OpenCV's fast path) to at most ``work`` on the longest side."""
     h, w = grey.shape
@@ -270,7 +293,7 @@ def lung_crop(grey: np.ndarray, image_size: tuple[int, int], interpolation: int,
     if (Y0, Y1, X0, X1) == (0, h, 0, w) and grey.shape == (out_h, out_w):
         out = grey.copy()
     else:
-        out = cv2.resize(grey[Y0:Y1, X0:X1], (out_w, out_h), interpolation=interpolation)
+        out = resample(grey[Y0:Y1, X0:X1], (out_w, out_h), interpolation)
     out = cv2.LUT(out, lut)
     if body is not None:
         m = cv2.resize(body[y0:y1, x0:x1], (out_w, out_h), interpolation=cv2.INTER_NEAREST)
@@ -288,9 +311,9 @@ def preprocess(grey: np.ndarray, image_size: tuple[int, int], interpolation: int
         h, w = image_size
         if grey.shape == (h, w):
             return np.ascontiguousarray(grey), None
-        return cv2.resize(grey, (w, h), interpolation=interpolation), None
+        return resample(grey, (w, h), interpolation), None
     return lung_crop(grey, image_size, interpolation, spec)
 
 
-__all__ = ["preprocess", "lung_crop", "Framing", "default_spec", "spec_problems", "METHODS", "RESIZE", "LUNG_CROP",
+__all__ = ["preprocess", "lung_crop", "resample", "AREA_LINEAR", "INTER_AREA_LINEAR", "Framing", "default_spec", "spec_problems", "METHODS", "RESIZE", "LUNG_CROP",
            "LUNG_CROP_DEFAULTS"]

@@ -57,7 +57,7 @@ def independent_grey(path: Path, window=LUNG_WINDOW, size=SIZE) -> list[np.ndarr
 
 
 def frames_of(path: Path, **kw):
-    return decode_frames(Path(path).read_bytes(), SIZE, window=kw.get("window", LUNG_WINDOW))
+    return decode_frames(Path(path).read_bytes(), SIZE, "area", window=kw.get("window", LUNG_WINDOW))
 
 
 def test_real_ct_windowed_pixels_equal_independent_hu_computation():
