@@ -34,7 +34,7 @@ LOSO_DIR = "leave-one-site-out"
 
 #: Per-architecture defaults: what ``None`` in TrainConfig means.
 ARCH_DEFAULTS = {
-    "compact": {"image_size": (192, 192), "epochs": 60, "learning_rate": 2e-3, "site_augmentation": True},
+    "compact": {"image_size": (192, 192), "epochs": 120, "learning_rate": 2e-3, "site_augmentation": True},
     "seed": {"image_size": (256, 256), "epochs": 30, "learning_rate": 1e-4, "site_augmentation": False},
 }
 PREPROCESSING = (LUNG_CROP, RESIZE)
