@@ -43,11 +43,11 @@ def test_decode_resize(benchmark, jpeg512):
 
 
 #: The input path per slice on one core (read, decode, lung-crop, resize, shift statistics) against
-#: ``cv2.imdecode`` alone of the same bytes. The issue's target is 1.5x; measured (python -m
-#: benchmarks.decode_path, AVX-512/AMX Xeon): 2.1x on CT-like 512x512 JPEG slices, 1.50-1.54x on real
-#: PNG slices. These bounds hold what is reached, with room for other CPU classes, so that a slower
-#: input path fails here; the report names what is still short of 1.5.
-INPUT_PATH_BOUND = {"jpeg": 3.0, "png": 2.0}
+#: the decoder alone of the same bytes (``cv2.imdecode``; for DICOM pydicom's ``pixel_array``). The
+#: issue's target is 1.5x; see ``benchmarks/results/decode-path-*.md`` for what each CPU class reaches.
+#: These bounds hold what is reached, with room for other CPU classes, so that a slower input path
+#: fails here; the report names what is still short of 1.5.
+INPUT_PATH_BOUND = {"jpeg": 3.0, "png": 2.0, "dicom": 4.0}
 
 
 def test_input_path_against_the_decoder_alone(benchmark, tmp_path):
@@ -59,6 +59,9 @@ def test_input_path_against_the_decoder_alone(benchmark, tmp_path):
     pngs = sorted(shared.rglob("*.png"))[:3]
     if pngs:
         files["png"] = pngs
+    dicoms = sorted((shared.parent / "tcia-covid19-ny-sbu-dicom").rglob("*.dcm"))[:3]
+    if dicoms:
+        files["dicom"] = dicoms
     threads = cv2.getNumThreads()
     cv2.setNumThreads(1)  # one core, as each worker runs
     try:
@@ -66,7 +69,8 @@ def test_input_path_against_the_decoder_alone(benchmark, tmp_path):
                                           for k, ps in files.items()}, rounds=1, iterations=1)
     finally:
         cv2.setNumThreads(threads)
-    benchmark.extra_info.update(ratios=got, target=1.5, pngs="real" if pngs else "absent: ../shared/data")
+    benchmark.extra_info.update(ratios=got, target=1.5,
+                                real=[k for k in files if k != "jpeg"] or "absent: ../shared/data")
     for kind, ratio in got.items():
         assert ratio <= INPUT_PATH_BOUND[kind], (kind, got)
 
