@@ -116,7 +116,8 @@ def sets(n: int, work: Path) -> dict[str, list[Path]]:
 def markdown(report: dict) -> str:
     lines = ["# The contract's input path against the decoder alone (one core, per slice)", "",
              f"Machine: {report['cpu']}, **CPU flags: {' '.join(report['cpu_flags'])}**. Date: {report['date']}. "
-             f"Command: `{report['command']}`. Medians over files of each file's best of {report['repeats']}; ms.", "",
+             f"Command: `{report['command']}`. Medians over files of each file's best of {report['repeats']}; ms. "
+             f"Interpolation `{report.get('interpolation', 'area')}` (what a new model's contract names).", "",
              "| slices | files | read | decoder alone | engine decode | working copy | framing | crop+resize+map "
              "| statistics | whole path | whole / decoder | target <= 1.5 |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, r in report["sets"].items():
@@ -141,6 +142,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         report = {"date": time.strftime("%Y-%m-%d"), "cpu": cpu_name(), "cpu_flags": cpu_flags(),
+                  "interpolation": DEFAULT_INTERPOLATION,
                   "repeats": args.repeats, "command": "python -m benchmarks.decode_path " + " ".join(
                       f"--{k} {v}" for k, v in (("n", args.n), ("repeats", args.repeats))),
                   "sets": {name: measure_set(paths, repeats=args.repeats) for name, paths in sets(args.n, Path(tmp)).items()}}
