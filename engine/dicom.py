@@ -343,12 +343,12 @@ def _decode_pixels(ds, data: bytes, window: dict, max_pixels: int, ident: list[s
     except Exception:  # noqa: BLE001  an optional value pydicom cannot even parse: absent
         inst = None
     no_burned_in = str(ds.get("BurnedInAnnotation", "")).strip().upper() == "NO"
+    pad = None  # the stored values that are padding, inclusive: the same for every frame
+    if pad_value is not None:
+        pad = tuple(sorted((int(pad_value), int(pad_limit)))) if pad_limit is not None else (int(pad_value),) * 2
     out = []
     for i in range(pixels.shape[0]):
         stored = pixels[i]
-        pad = None
-        if pad_value is not None:
-            pad = tuple(sorted((int(pad_value), int(pad_limit)))) if pad_limit is not None else (int(pad_value),) * 2
         slope, intercept = _frame_rescale(ds, i)
         grey = stored_to_grey(stored, slope, intercept, float(window["level"]), float(window["width"]), invert, pad)
         out.append(Slice(grey, i, study, series, sop, _int_or_none(inst),

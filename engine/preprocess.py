@@ -109,23 +109,26 @@ def resample(img: np.ndarray, size: tuple[int, int], interpolation: int) -> np.n
     w, h = size
     f = int(min(img.shape[0] / h, img.shape[1] / w))
     if f >= 2:
-        hh, ww = img.shape[0] // f, img.shape[1] // f
-        img = cv2.resize(img[:hh * f, :ww * f], (ww, hh), interpolation=cv2.INTER_AREA)
+        img = _area_by(img, f)
     if img.shape[:2] == (h, w):
         return img
     return cv2.resize(img, size, interpolation=cv2.INTER_LINEAR_EXACT)
+
+
+def _area_by(img: np.ndarray, f: int) -> np.ndarray:
+    """``img`` reduced by the integer factor ``f`` on both sides (OpenCV's fast area path; the last
+    rows and columns that do not fill a block are dropped)."""
+    hh, ww = img.shape[0] // f, img.shape[1] // f
+    return cv2.resize(img[:hh * f, :ww * f], (ww, hh), interpolation=cv2.INTER_AREA)
 
 
 def _shrink(grey: np.ndarray, work: int) -> tuple[np.ndarray, int]:
     """Integer-factor area reduction (OpenCV's fast path) to at most ``work`` on the longest side."""
     h, w = grey.shape
     f = max(1, math.ceil(max(h, w) / work))
-    if f == 1:
+    if f == 1 or h // f < 2 or w // f < 2:
         return grey, 1
-    hh, ww = h // f, w // f
-    if hh < 2 or ww < 2:
-        return grey, 1
-    return cv2.resize(grey[:hh * f, :ww * f], (ww, hh), interpolation=cv2.INTER_AREA), f
+    return _area_by(grey, f), f
 
 
 def _otsu(values: np.ndarray) -> float:
@@ -315,5 +318,5 @@ def preprocess(grey: np.ndarray, image_size: tuple[int, int], interpolation: int
     return lung_crop(grey, image_size, interpolation, spec)
 
 
-__all__ = ["preprocess", "lung_crop", "resample", "AREA_LINEAR", "INTER_AREA_LINEAR", "Framing", "default_spec", "spec_problems", "METHODS", "RESIZE", "LUNG_CROP",
-           "LUNG_CROP_DEFAULTS"]
+__all__ = ["preprocess", "lung_crop", "resample", "AREA_LINEAR", "INTER_AREA_LINEAR", "Framing", "default_spec",
+           "spec_problems", "METHODS", "RESIZE", "LUNG_CROP", "LUNG_CROP_DEFAULTS"]
