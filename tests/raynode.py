@@ -1,6 +1,8 @@
 """Ray processes for tests, each in its own interpreter so its RAY_AUTH_* environment is its own.
 
-    python -m tests.raynode local      # the engine's local runtime; prints ADDRESS, waits for stdin
+    python -m tests.raynode local      # the engine's local runtime; prints ADDRESS, waits for stdin, then
+                                       # ray.shutdown(): prints SHUTDOWN_S seconds and MONITOR_RC code
+    python -m tests.raynode local-engine-shutdown   # the same, ended by the engine's shutdown_ray()
     python -m tests.raynode cluster    # a two-node ray.cluster_utils.Cluster; prints ADDRESS, waits
     python -m tests.raynode client ADDRESS   # joins ADDRESS; prints NODES n, exits 0, or exits 3
 """
@@ -12,12 +14,18 @@ def main() -> int:
     import ray
 
     mode = sys.argv[1]
-    if mode == "local":
-        from covidct.engine.pipeline import ScreenConfig, start_ray
+    if mode in ("local", "local-engine-shutdown"):
+        import time
+
+        from covidct.engine.pipeline import ScreenConfig, shutdown_ray, start_ray
         start_ray(ScreenConfig(inputs=(".",), model="unused", out="unused", num_cpus=1))
+        monitors = ray._private.worker._global_node.all_processes.get("monitor", [])
         print("ADDRESS", ray.get_runtime_context().gcs_address, flush=True)
         sys.stdin.read()
-        ray.shutdown()
+        t = time.perf_counter()
+        shutdown_ray() if mode == "local-engine-shutdown" else ray.shutdown()
+        print("SHUTDOWN_S", time.perf_counter() - t, "MONITOR_RC", *(m.process.returncode for m in monitors),
+              flush=True)
     elif mode == "cluster":
         from ray.cluster_utils import Cluster
         cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
