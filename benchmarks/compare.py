@@ -454,8 +454,8 @@ def targets(report: dict) -> list[dict]:
                 v = ours["images_per_s"] / loops["images_per_s"]
                 add(f"[{arch}] steady >= 0.90 x the per-core loops at {precision.upper()}", v, v >= 0.90)
                 v = e2e(ours) / e2e(loops)
-                add(f"[{arch}] end to end >= 0.85 x the per-core loops at {precision.upper()} ({n:,} slices; the "
-                    "issue asks 20,000)", v, v >= 0.85)
+                add(f"[{arch}] end to end >= 0.85 x the per-core loops at {precision.upper()} ({n:,} slices"
+                    + ("; the issue asks 20,000)" if n < 20000 else ")"), v, v >= 0.85)
         for name in ("seeds_way", "plain_loop", "ray_data"):
             peer = get(name)
             if peer:
