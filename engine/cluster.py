@@ -257,9 +257,10 @@ def shutdown_ray() -> None:
 
 def _end_autoscaler_monitor() -> None:
     """A local runtime's autoscaler monitor (a Python process this driver started; a fixed-size local runtime
-    has nothing to scale) answers SIGTERM only at its next one-second tick, and ``ray.shutdown`` waits for it
+    has nothing to scale) does not answer SIGTERM within the second ``ray.shutdown`` waits for it,
     after the raylet and GCS, one process after another: a second at the end of every run. It holds no state
-    a run needs, so it is ended at once. Joined clusters have no such process of this driver's."""
+    a run needs, so it is ended at once (Ray itself sends SIGKILL after its grace). Joined clusters have no such
+    process of this driver's."""
     import ray
 
     try:

@@ -334,8 +334,9 @@ def test_local_runtime_requires_its_token(tmp_path):
 
 
 def test_the_engine_ends_its_local_runtime_faster_than_ray_shutdown_and_leaves_no_process():
-    """Ray's own shutdown waits a second for the autoscaler monitor, after the raylet and GCS; the engine
-    ends that process at once. Both are timed here, one after the other, on the same machine."""
+    """Ray's own shutdown waits a second for the autoscaler monitor (which does not answer SIGTERM in that
+    time), after the raylet and GCS; the engine ends that process at once. Both are timed here, one after the
+    other, on the same machine."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")}
     seconds, codes = {}, {}
     for mode in ("local", "local-engine-shutdown"):
@@ -348,7 +349,8 @@ def test_the_engine_ends_its_local_runtime_faster_than_ray_shutdown_and_leaves_n
         words = out.split()
         seconds[mode] = float(words[words.index("SHUTDOWN_S") + 1])
         codes[mode] = words[words.index("MONITOR_RC") + 1:]
-    assert codes["local-engine-shutdown"] == [str(-signal.SIGKILL)], codes  # ended by the engine, not by Ray
+    # Ray's own path ends the monitor with SIGKILL too, after a second's grace: the time tells them apart
+    assert codes == {m: [str(-signal.SIGKILL)] for m in codes}, codes
     assert seconds["local-engine-shutdown"] < 0.7 * seconds["local"], seconds
 
 
