@@ -17,14 +17,15 @@ def main() -> int:
     if mode in ("local", "local-engine-shutdown"):
         import time
 
+        from covidct.engine.cluster import local_monitor_processes
         from covidct.engine.pipeline import ScreenConfig, shutdown_ray, start_ray
         start_ray(ScreenConfig(inputs=(".",), model="unused", out="unused", num_cpus=1))
-        monitors = ray._private.worker._global_node.all_processes.get("monitor", [])
+        monitors = local_monitor_processes()
         print("ADDRESS", ray.get_runtime_context().gcs_address, flush=True)
         sys.stdin.read()
         t = time.perf_counter()
         shutdown_ray() if mode == "local-engine-shutdown" else ray.shutdown()
-        print("SHUTDOWN_S", time.perf_counter() - t, "MONITOR_RC", *(m.process.returncode for m in monitors),
+        print("SHUTDOWN_S", time.perf_counter() - t, "MONITOR_RC", *(m.returncode for m in monitors),
               flush=True)
     elif mode == "cluster":
         from ray.cluster_utils import Cluster
