@@ -85,6 +85,50 @@ def test_leave_one_site_out_reports_one_row_per_site(two_sites):
     assert two_sites["stdout"].count("trained on") == 2
 
 
+def test_a_teacher_trained_on_one_site_softens_only_its_training_targets(two_sites, tmp_path):
+    """--teacher SITE=RUN: the leave-one-site-out run without the clinic was trained on big-site alone with
+    this run's seed and groups, so its split is this run's for big-site: a valid teacher for it."""
+    from covidct.train import fit
+
+    run, teacher = two_sites["run"], two_sites["run"] / "leave-one-site-out" / "clinic"
+    common = ("--site", f"clinic={two_sites['small']}", "--epochs", "1", "--image-size", "48", "--batch-size", "16",
+              "--groups", r"p\d+")
+    r = run_cli("covidct-train", two_sites["big"], *common, "--teacher", f"big-site={teacher}",
+                "--out", tmp_path / "distilled", timeout=900)
+    assert r.returncode == 0, r.stderr[-4000:]
+    m = json.loads((tmp_path / "distilled" / "metrics.json").read_text())
+    rows = list(csv.DictReader(open(run / "split.csv")))
+    n_train = sum(1 for x in rows if x["site"] == "big-site" and x["split"] == "train")
+    [t] = m["teachers"]
+    assert t["site"] == "big-site" and t["n_train"] == n_train and t["weight"] == fit.DISTILL
+    assert t["model_sha256"] == Contract.from_json((teacher / "contract.json").read_text()).source_sha256
+    assert m["config"]["teachers"] == [{"site": "big-site", "run": str(teacher)}]
+
+    # the targets themselves: big-site's training slices move towards the teacher, nothing else moves
+    cfg = fit.TrainConfig(sites=S.parse_sites((two_sites["big"],), (f"clinic={two_sites['small']}",)),
+                          out=tmp_path / "x", image_size=(48, 48), groups=r"p\d+", teachers=(("big-site", teacher),))
+    ds, _ = S.load_sites(cfg.sites, None, image_size=cfg.image_size, interpolation=cfg.interpolation,
+                         window=cfg.window, preprocessing=cfg.preprocessing_spec)
+    assignment = S.split_sites(ds, cfg.seed, cfg.groups)
+    targets, _ = fit.distillation_targets(cfg, ds, assignment, ("big-site", "clinic"))
+    moved = (ds.site == 0) & (assignment == 0)
+    assert np.array_equal(targets[~moved], ds.labels[~moved].astype(np.float32))
+    y = ds.labels[moved]
+    assert np.all(np.abs(targets[moved] - y) <= fit.DISTILL + 1e-6) and np.any(targets[moved] != y)
+
+    # refused before training: a teacher whose split differs (another seed), an unknown site, another size
+    for extra, match in (((f"big-site={teacher}", "--seed", "7"), "not in the same split"),
+                         ((f"nowhere={teacher}",), "no such site"),
+                         ((f"clinic={teacher}",), "not in the same split")):
+        bad = run_cli("covidct-train", two_sites["big"], *common, "--teacher", *extra, "--out", tmp_path / "bad",
+                      timeout=900)
+        assert bad.returncode == 2 and match in bad.stderr, (extra, bad.stderr[-2000:])
+        assert not (tmp_path / "bad").exists()
+    bad = run_cli("covidct-train", two_sites["big"], *common[:4], "--image-size", "40", *common[6:],
+                  "--teacher", f"big-site={teacher}", "--out", tmp_path / "bad2", timeout=900)
+    assert bad.returncode == 2 and "image_size" in bad.stderr and not (tmp_path / "bad2").exists(), bad.stderr[-2000:]
+
+
 def test_site_balanced_draw_of_a_ten_to_one_pair():
     site = np.array([0] * 500 + [1] * 50)
     rng = np.random.default_rng(0)

@@ -71,7 +71,7 @@ class AdaptConfig:
             raise DataError(f"{self.local_dir} is not a directory (expected one sub-folder per class)")
 
 
-def source_run(run: Path) -> tuple[Contract, Path]:
+def source_run(run: Path, option: str = "--init") -> tuple[Contract, Path]:
     """The source run's contract and model, checked: refuses a folder that is not a covidct-train run, a
     model changed since training, or an architecture this version cannot rebuild."""
     from .fit import CONTRACT_FILE, MODEL_FILE
@@ -80,17 +80,17 @@ def source_run(run: Path) -> tuple[Contract, Path]:
     run = Path(run)
     missing = [n for n in (MODEL_FILE, CONTRACT_FILE) if not (run / n).is_file()]
     if missing:
-        raise DataError(f"--init {run} is not a covidct-train run directory: missing {missing}")
+        raise DataError(f"{option} {run} is not a covidct-train run directory: missing {missing}")
     try:
         contract = Contract.from_json((run / CONTRACT_FILE).read_text())
     except ContractError as e:
-        raise DataError(f"--init {run}: its {CONTRACT_FILE} is not a valid contract ({e})") from None
+        raise DataError(f"{option} {run}: its {CONTRACT_FILE} is not a valid contract ({e})") from None
     if contract.architecture not in ARCHITECTURES:
-        raise DataError(f"--init {run}: architecture {contract.architecture!r} cannot be adapted by this version "
+        raise DataError(f"{option} {run}: architecture {contract.architecture!r} cannot be adapted by this version "
                         f"(it rebuilds {list(ARCHITECTURES)})")
     actual = sha256_file(run / MODEL_FILE)
     if contract.source_sha256 != actual:
-        raise DataError(f"--init {run}: {MODEL_FILE} changed since training (sha256 {actual[:12]} != contract "
+        raise DataError(f"{option} {run}: {MODEL_FILE} changed since training (sha256 {actual[:12]} != contract "
                         f"{contract.source_sha256[:12]})")
     return contract, run / MODEL_FILE
 

@@ -21,6 +21,8 @@ from covidct.engine.logs import setup_logging
               help="Also train one model without each site and score it on the site left out (2+ sites).")
 @click.option("--site-norm", is_flag=True,
               help="Compact, 2+ sites: one BatchNorm per site in training; the exported model mixes them.")
+@click.option("--teacher", "teachers", multiple=True, metavar="SITE=RUN_DIR",
+              help="Distil: a run trained on that site alone (same seed) softens the site's training targets.")
 @click.option("--init", "init", default=None, type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="Adapt this covidct-train run's model to the one local folder given (20-200 labelled slices).")
 @click.option("--adapt", "adapt_method", type=click.Choice(["all", "bn", "head"]), default="all", show_default=True,
@@ -49,7 +51,7 @@ from covidct.engine.logs import setup_logging
               help="Validation sensitivity the operating threshold must reach (default 0.95; --init: the model's).")
 @click.option("-v", "--verbose", is_flag=True)
 @command("covidct-train")
-def main(site_dirs, out, named_sites, leave_one_site_out, site_norm, init, adapt_method, positive, groups, arch, preprocessing,
+def main(site_dirs, out, named_sites, leave_one_site_out, site_norm, teachers, init, adapt_method, positive, groups, arch, preprocessing,
          epochs, image_size, learning_rate, site_augmentation, augment_share, mix_style, batch_size, seed, target_sensitivity, verbose):
     """Train the COVID-19 CT slice classifier on one or more sites (SITE_DIRS, each one sub-folder per class),
     or, with --init, adapt a trained model to one local site."""
@@ -61,11 +63,14 @@ def main(site_dirs, out, named_sites, leave_one_site_out, site_norm, init, adapt
             "augment_share": augment_share, "mix_style": mix_style}
     try:
         if init is not None:
+            if teachers:
+                raise DataError("--teacher is for training on sites: --init adapts one model")
             metrics, text = _adapt(site_dirs, named_sites, init, out, adapt_method, positive, groups, opts,
                                    leave_one_site_out)
         else:
             metrics, text = _train(site_dirs, named_sites, out, leave_one_site_out, positive, groups, arch,
-                                   preprocessing, image_size, {**opts, "site_norm": site_norm or None})
+                                   preprocessing, image_size, {**opts, "site_norm": site_norm or None,
+                                    "teachers": _teachers(teachers) or None})
     except (DataError, ValueError) as e:
         raise CommandError(str(e), Exit.BAD_INPUT) from None
     click.echo(text)
@@ -84,6 +89,18 @@ def _train(site_dirs, named_sites, out, leave_one_site_out, positive, groups, ar
                       **{k: v for k, v in opts.items() if v is not None})
     metrics = train(cfg)
     return metrics, summary(metrics)
+
+
+def _teachers(items: tuple[str, ...]) -> tuple[tuple[str, Path], ...]:
+    from .data import DataError
+
+    out = []
+    for item in items:
+        name, sep, run = item.partition("=")
+        if not sep or not name or not run:
+            raise DataError(f"--teacher takes SITE=RUN_DIR, e.g. --teacher saopaulo=runs/sp; got {item!r}")
+        out.append((name, Path(run)))
+    return tuple(out)
 
 
 def _adapt(site_dirs, named_sites, init, out, method, positive, groups, opts, leave_one_site_out):

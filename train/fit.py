@@ -42,6 +42,9 @@ PREPROCESSING = (LUNG_CROP, RESIZE)
 #: are seen as their site exported them. Every draw augmented (1.0) left the compact model under-fitted on two
 #: sites (training accuracy 0.67 after 40 epochs, against 0.83 with none).
 AUGMENT_SHARE = 0.5
+#: With a teacher for a site (``--teacher``), that site's training targets are (1 - DISTILL) * label +
+#: DISTILL * the teacher's probability (Hinton et al. 2015, soft targets).
+DISTILL = 0.5
 
 
 @dataclass(frozen=True)
@@ -68,6 +71,8 @@ class TrainConfig:
     sites: tuple[Site, ...] = ()              # every site (train.sites); from data_dir when empty
     leave_one_site_out: bool = False          # also train one model without each site, scored on it
     site_norm: bool = False                   # compact, 2+ sites: one BatchNorm per site in training
+    teachers: tuple[tuple[str, Path], ...] = ()  # (site name, run trained on that site alone): distillation
+    distill: float = DISTILL                  # weight of a teacher's probability in its site's targets
 
     def __post_init__(self):
         if self.out is None:
@@ -101,6 +106,16 @@ class TrainConfig:
             raise ValueError(f"augment_share must be in [0, 1], e.g. 0.5; got {self.augment_share}")
         if not self.learning_rate > 0:
             raise ValueError(f"learning_rate must be > 0, e.g. 2e-3; got {self.learning_rate}")
+        object.__setattr__(self, "teachers", tuple((str(n), Path(r)) for n, r in self.teachers))
+        unknown = sorted({n for n, _ in self.teachers} - {s.name for s in self.sites})
+        if unknown:
+            raise ValueError(f"teacher for {unknown}: no such site (sites: {[s.name for s in self.sites]})")
+        if len({n for n, _ in self.teachers}) != len(self.teachers):
+            raise ValueError("one teacher per site")
+        if self.teachers and self.arch != "compact":
+            raise ValueError("teachers (distillation) are for the compact architecture")
+        if not 0 < self.distill <= 1:
+            raise ValueError(f"distill must be in (0, 1], e.g. 0.5; got {self.distill}")
 
     @property
     def preprocessing_spec(self) -> dict:
@@ -151,7 +166,7 @@ class SiteSequence:
         return _Seq(*args, **kwargs)
 
 
-def _fit_compact(model, cfg: TrainConfig, ds, tr, va) -> dict:
+def _fit_compact(model, cfg: TrainConfig, ds, tr, va, targets: np.ndarray | None = None) -> dict:
     """AdamW with a warm-up and cosine decay over a fixed number of epochs; the final weights are kept.
 
     No early stopping: its only signal would be the validation split (62 images on the shared set),
@@ -162,7 +177,7 @@ def _fit_compact(model, cfg: TrainConfig, ds, tr, va) -> dict:
     from covidct.engine.metrics import roc_auc
 
     n_sites = len(cfg.sites) if _site_norm(cfg) else 0
-    seq = SiteSequence([ds.grey[i] for i in np.nonzero(tr)[0]], ds.labels[tr],
+    seq = SiteSequence([ds.grey[i] for i in np.nonzero(tr)[0]], ds.labels[tr] if targets is None else targets[tr],
                        sites_mod.sample_weights(ds.site[tr], ds.labels[tr]), cfg, cfg.preprocessing_spec,
                        cfg.site_augmentation, ds.site[tr], n_sites)
     steps = len(seq) * cfg.epochs
@@ -221,7 +236,6 @@ def train(cfg: TrainConfig) -> dict:
     t0 = time.time()
     out = Path(cfg.out)
     sites_mod.site_classes(cfg.sites, cfg.positive)  # before out exists: it may sit inside a site
-    out.mkdir(parents=True, exist_ok=True)
     spec = cfg.preprocessing_spec
     ds, classes = sites_mod.load_sites(cfg.sites, cfg.positive, image_size=cfg.image_size,
                                        interpolation=cfg.interpolation, window=cfg.window, preprocessing=spec,
@@ -229,6 +243,8 @@ def train(cfg: TrainConfig) -> dict:
     log.info("classes: negative=%r positive=%r", *classes)
     names = tuple(s.name for s in cfg.sites)
     assignment = sites_mod.split_sites(ds, cfg.seed, cfg.groups)
+    targets, teachers = distillation_targets(cfg, ds, assignment, names)  # refused before anything is written
+    out.mkdir(parents=True, exist_ok=True)
     data_mod.write_split(out / SPLIT_FILE, ds, assignment, classes, names)
     sizes = {name: int((assignment == i).sum()) for i, name in enumerate(data_mod.SPLITS)}
     site_sizes = {n: {split: int(((assignment == i) & (ds.site == k)).sum()) for i, split in enumerate(data_mod.SPLITS)}
@@ -246,11 +262,14 @@ def train(cfg: TrainConfig) -> dict:
     from .model import build_compact, build_model, merge_site_norms
     if _site_norm(cfg):
         model = build_compact(cfg.image_size, cfg.seed, sites=len(cfg.sites), mixstyle=cfg.mix_style)
-        history = _fit_compact(model, cfg, ds, tr, va)
+        history = _fit_compact(model, cfg, ds, tr, va, targets)
         model = merge_site_norms(model, cfg.image_size, cfg.seed)  # what is exported: no site input
+    elif cfg.arch == "compact":
+        model = build_model(cfg.image_size, cfg.seed, cfg.arch, cfg.mix_style)
+        history = _fit_compact(model, cfg, ds, tr, va, targets)
     else:
         model = build_model(cfg.image_size, cfg.seed, cfg.arch, cfg.mix_style)
-        history = (_fit_compact if cfg.arch == "compact" else _fit_seed)(model, cfg, ds, tr, va)
+        history = _fit_seed(model, cfg, ds, tr, va)
     model.save(out / MODEL_FILE)
 
     p_val = model.predict(ds.images[va], batch_size=cfg.batch_size, verbose=0)[:, 0]
@@ -272,6 +291,7 @@ def train(cfg: TrainConfig) -> dict:
         "validation": validation,
         "unreadable": [{"path": p, "reason": r} for p, r in ds.unreadable],
         "epochs_run": len(history["loss"]), "train_seconds": round(time.time() - t0, 1),
+        "teachers": teachers,
         "config": _config_record(cfg),
     })
     (out / HISTORY_FILE).write_text(json.dumps(history, indent=2))
@@ -309,9 +329,54 @@ def contract_metrics(metrics: dict) -> dict:
 
 
 def _config_record(cfg: TrainConfig) -> dict:
-    rec = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items() if k != "sites"}
+    rec = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items() if k not in ("sites", "teachers")}
     rec["sites"] = [{"name": s.name, "path": str(s.path)} for s in cfg.sites]
+    rec["teachers"] = [{"site": n, "run": str(r)} for n, r in cfg.teachers]
     return rec
+
+
+def distillation_targets(cfg: TrainConfig, ds, assignment: np.ndarray, names: tuple[str, ...]
+                         ) -> tuple[np.ndarray | None, list[dict]]:
+    """Training targets softened by every site's teacher, and what each teacher was.
+
+    A teacher is a covidct-train run on that site alone, with the same preprocessing and input size, whose
+    split put every slice of the site where this run puts it (same seed, same files): otherwise its
+    probabilities on this run's training slices would carry what it learnt from this run's validation or
+    test slices, and those figures would no longer be honest. Refused, before any training, if not.
+    """
+    if not cfg.teachers:
+        return None, []
+    from .adapt import source_run
+    from .model import load_trained
+
+    targets = ds.labels.astype(np.float32)
+    records = []
+    for name, run in cfg.teachers:
+        contract, model_path = source_run(run, option="--teacher")
+        same = {"image_size": tuple(contract.image_size) == tuple(cfg.image_size),
+                "preprocessing": dict(contract.preprocessing) == cfg.preprocessing_spec,
+                "window": dict(contract.window) == dict(cfg.window),
+                "interpolation": contract.interpolation == cfg.interpolation}
+        if not all(same.values()):
+            raise data_mod.DataError(f"--teacher {name}={run}: its {[k for k, v in same.items() if not v]} differ "
+                                     "from this run's")
+        k = names.index(name)
+        theirs = {r["sha256"]: r["split"] for r in data_mod.read_split(Path(run) / SPLIT_FILE)}
+        mine = np.nonzero(ds.site == k)[0]
+        moved = [ds.paths[i] for i in mine if theirs.get(ds.sha256[i]) != data_mod.SPLITS[assignment[i]]]
+        if moved:
+            raise data_mod.DataError(
+                f"--teacher {name}={run}: {len(moved)} of site {name!r}'s slices are not in the same split there "
+                f"(e.g. {moved[0]}): train the teacher on that site alone, with this run's seed ({cfg.seed}) and "
+                "--groups")
+        train_idx = mine[assignment[mine] == 0]
+        teacher = load_trained(model_path, cfg.image_size, contract.architecture)
+        p = teacher.predict(ds.images[train_idx], batch_size=64, verbose=0)[:, 0]
+        targets[train_idx] = (1 - cfg.distill) * targets[train_idx] + cfg.distill * p
+        records.append({"site": name, "run": str(Path(run).resolve()), "model_sha256": contract.source_sha256,
+                        "weight": cfg.distill, "n_train": int(len(train_idx))})
+        log.info("teacher for %s: %s (%d training slices, weight %.2f)", name, run, len(train_idx), cfg.distill)
+    return targets, records
 
 
 def leave_one_site_out(cfg: TrainConfig, ds) -> list[dict]:
@@ -324,7 +389,8 @@ def leave_one_site_out(cfg: TrainConfig, ds) -> list[dict]:
     for k, left in enumerate(cfg.sites):
         rest = tuple(s for s in cfg.sites if s != left)
         sub = dataclasses.replace(cfg, data_dir=None, sites=rest, out=Path(cfg.out) / LOSO_DIR / left.name,
-                                  leave_one_site_out=False)
+                                  leave_one_site_out=False,
+                                  teachers=tuple(t for t in cfg.teachers if t[0] != left.name))
         log.info("leave-one-site-out: training without %r (on %s)", left.name, [s.name for s in rest])
         m = train(sub)
         model = load_trained(Path(sub.out) / MODEL_FILE, cfg.image_size, cfg.arch)
