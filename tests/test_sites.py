@@ -115,6 +115,9 @@ def test_a_teacher_trained_on_one_site_softens_only_its_training_targets(two_sit
     assert np.array_equal(targets[~moved], ds.labels[~moved].astype(np.float32))
     y = ds.labels[moved]
     assert np.all(np.abs(targets[moved] - y) <= fit.DISTILL + 1e-6) and np.any(targets[moved] != y)
+    # training accuracy is against the labels the soft targets stand for, not the targets themselves
+    acc = fit._label_accuracy()(np.array([0.75, 0.2, 0.5, 0.3], np.float32), np.array([0.9, 0.1, 0.4, 0.6], np.float32))
+    assert float(acc) == pytest.approx(0.5)
 
     # refused before training: a teacher whose split differs (another seed), an unknown site, another size
     for extra, match in (((f"big-site={teacher}", "--seed", "7"), "not in the same split"),

@@ -114,8 +114,8 @@ class TrainConfig:
             raise ValueError("one teacher per site")
         if self.teachers and self.arch != "compact":
             raise ValueError("teachers (distillation) are for the compact architecture")
-        if not 0 < self.distill <= 1:
-            raise ValueError(f"distill must be in (0, 1], e.g. 0.5; got {self.distill}")
+        if not 0 < self.distill <= 0.5:  # above 0.5 a teacher would overrule the label
+            raise ValueError(f"distill must be in (0, 0.5], e.g. 0.5; got {self.distill}")
 
     @property
     def preprocessing_spec(self) -> dict:
@@ -184,7 +184,7 @@ def _fit_compact(model, cfg: TrainConfig, ds, tr, va, targets: np.ndarray | None
     schedule = keras.optimizers.schedules.CosineDecay(0.0, steps, alpha=0.01, warmup_target=cfg.learning_rate,
                                                       warmup_steps=max(1, steps // 20))
     model.compile(optimizer=keras.optimizers.AdamW(schedule, weight_decay=cfg.weight_decay),
-                  loss="binary_crossentropy", metrics=["accuracy"])
+                  loss="binary_crossentropy", metrics=["accuracy" if targets is None else _label_accuracy()])
     history: dict[str, list[float]] = {"loss": [], "accuracy": [], "val_auc": [], "val_loss": []}
     xv, yv, sv = ds.images[va], ds.labels[va], ds.site[va]
     if n_sites:  # validated with each site's own BatchNorm (the exported model mixes them)
@@ -203,6 +203,16 @@ def _fit_compact(model, cfg: TrainConfig, ds, tr, va, targets: np.ndarray | None
                  history["val_auc"][-1],
                  "".join(f", {n} {history[f'val_auc/{n}'][-1]:.3f}" for n in names))
     return history
+
+
+def _label_accuracy():
+    """Training accuracy against the labels when the targets are soft (a teacher's): Keras' own compares
+    the prediction with the soft target itself, which no prediction equals."""
+    from keras import ops
+
+    def accuracy(y_true, y_pred):  # a soft target >= 0.5 is a positive label (distill <= 0.5)
+        return ops.mean(ops.cast(ops.equal(y_true >= 0.5, y_pred > 0.5), "float32"))
+    return accuracy
 
 
 def _site_norm(cfg: TrainConfig) -> bool:
