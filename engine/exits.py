@@ -8,6 +8,7 @@ finished with error rows (1). Click's own usage errors (an unknown option) exit 
 
 from __future__ import annotations
 
+import faulthandler
 import functools
 import signal
 import sys
@@ -53,6 +54,8 @@ def command(name: str, interrupted: str = "interrupted; what was written is kept
         @functools.wraps(fn)
         def main(*args, **kwargs):
             signal.signal(signal.SIGTERM, _terminated)  # schedulers stop jobs with SIGTERM: end like Ctrl-C
+            if sys.__stderr__ is not None:  # a crash in native code (exit -11) leaves the Python stacks on stderr
+                faulthandler.enable(file=sys.__stderr__, all_threads=True)
             try:
                 code = fn(*args, **kwargs)
             except CommandError as e:

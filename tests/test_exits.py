@@ -76,3 +76,18 @@ def test_each_command_exits_70_on_a_crash_2_on_bad_input_and_130_on_ctrl_c(name,
     assert _invoke(entry, bad) == Exit.BAD_INPUT == 2
     err = capsys.readouterr().err
     assert "Traceback" not in err and ("error" in err.lower()), err[-2000:]
+
+
+def test_a_crash_in_native_code_leaves_the_python_stack_on_stderr():
+    """A segmentation fault in a command (in a library's native code) cannot be caught: its Python stack,
+    on stderr, is what tells where it happened (a run once ended with -11 and nothing else to go on)."""
+    import subprocess
+    import sys
+
+    code = ("import faulthandler, click\n"
+            "from covidct.engine.exits import command\n"
+            "@click.command()\n@command('probe')\ndef main():\n    faulthandler._sigsegv()\n"
+            "main()\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.returncode == -signal.SIGSEGV
+    assert "Segmentation fault" in r.stderr and "in main" in r.stderr, r.stderr
