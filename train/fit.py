@@ -166,7 +166,7 @@ class SiteSequence:
         return _Seq(*args, **kwargs)
 
 
-def _fit_compact(model, cfg: TrainConfig, ds, tr, va, targets: np.ndarray | None = None) -> dict:
+def _fit_compact(model, cfg: TrainConfig, ds, tr, va, targets: np.ndarray) -> dict:
     """AdamW with a warm-up and cosine decay over a fixed number of epochs; the final weights are kept.
 
     No early stopping: its only signal would be the validation split (62 images on the shared set),
@@ -177,14 +177,14 @@ def _fit_compact(model, cfg: TrainConfig, ds, tr, va, targets: np.ndarray | None
     from covidct.engine.metrics import roc_auc
 
     n_sites = len(cfg.sites) if _site_norm(cfg) else 0
-    seq = SiteSequence([ds.grey[i] for i in np.nonzero(tr)[0]], ds.labels[tr] if targets is None else targets[tr],
+    seq = SiteSequence([ds.grey[i] for i in np.nonzero(tr)[0]], targets[tr],
                        sites_mod.sample_weights(ds.site[tr], ds.labels[tr]), cfg, cfg.preprocessing_spec,
                        cfg.site_augmentation, ds.site[tr], n_sites)
     steps = len(seq) * cfg.epochs
     schedule = keras.optimizers.schedules.CosineDecay(0.0, steps, alpha=0.01, warmup_target=cfg.learning_rate,
                                                       warmup_steps=max(1, steps // 20))
     model.compile(optimizer=keras.optimizers.AdamW(schedule, weight_decay=cfg.weight_decay),
-                  loss="binary_crossentropy", metrics=["accuracy" if targets is None else _label_accuracy()])
+                  loss="binary_crossentropy", metrics=[_label_accuracy() if cfg.teachers else "accuracy"])
     history: dict[str, list[float]] = {"loss": [], "accuracy": [], "val_auc": [], "val_loss": []}
     xv, yv, sv = ds.images[va], ds.labels[va], ds.site[va]
     if n_sites:  # validated with each site's own BatchNorm (the exported model mixes them)
@@ -274,12 +274,10 @@ def train(cfg: TrainConfig) -> dict:
         model = build_compact(cfg.image_size, cfg.seed, sites=len(cfg.sites), mixstyle=cfg.mix_style)
         history = _fit_compact(model, cfg, ds, tr, va, targets)
         model = merge_site_norms(model, cfg.image_size, cfg.seed)  # what is exported: no site input
-    elif cfg.arch == "compact":
-        model = build_model(cfg.image_size, cfg.seed, cfg.arch, cfg.mix_style)
-        history = _fit_compact(model, cfg, ds, tr, va, targets)
     else:
         model = build_model(cfg.image_size, cfg.seed, cfg.arch, cfg.mix_style)
-        history = _fit_seed(model, cfg, ds, tr, va)
+        history = (_fit_compact(model, cfg, ds, tr, va, targets) if cfg.arch == "compact" else
+                   _fit_seed(model, cfg, ds, tr, va))
     model.save(out / MODEL_FILE)
 
     p_val = model.predict(ds.images[va], batch_size=cfg.batch_size, verbose=0)[:, 0]
@@ -346,21 +344,21 @@ def _config_record(cfg: TrainConfig) -> dict:
 
 
 def distillation_targets(cfg: TrainConfig, ds, assignment: np.ndarray, names: tuple[str, ...]
-                         ) -> tuple[np.ndarray | None, list[dict]]:
-    """Training targets softened by every site's teacher, and what each teacher was.
+                         ) -> tuple[np.ndarray, list[dict]]:
+    """Training targets (the labels, softened by every site's teacher) and what each teacher was.
 
     A teacher is a covidct-train run on that site alone, with the same preprocessing and input size, whose
     split put every slice of the site where this run puts it (same seed, same files): otherwise its
     probabilities on this run's training slices would carry what it learnt from this run's validation or
     test slices, and those figures would no longer be honest. Refused, before any training, if not.
     """
+    targets = ds.labels.astype(np.float32)
+    records: list[dict] = []
     if not cfg.teachers:
-        return None, []
+        return targets, records
     from .adapt import source_run
     from .model import load_trained
 
-    targets = ds.labels.astype(np.float32)
-    records = []
     for name, run in cfg.teachers:
         contract, model_path = source_run(run, option="--teacher")
         same = {"image_size": tuple(contract.image_size) == tuple(cfg.image_size),
