@@ -197,7 +197,7 @@ def main() -> None:
     ap.add_argument("--sizes", type=int, nargs="+", default=[20, 50, 100, 200])
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--groups", default=FIGURE_GROUPS)
-    ap.add_argument("--adapt", default="all", choices=["all", "bn", "head"])
+    ap.add_argument("--adapt", default="probe", choices=["probe", "all", "bn", "head"])
     ap.add_argument("--results", type=Path, default=RESULTS)
     ap.add_argument("--tag", default="", help="suffix of the result files")
     ap.add_argument("--init-args", default="", help="more options for covidct-train --init, e.g. '--epochs 20'")

@@ -174,7 +174,7 @@ def adapted(trained_run, tmp_path_factory):
     base = tmp_path_factory.mktemp("adapt")
     local = _site(base / "local site", 15, seed=9, classes=("Not_Infected", "Infected"))
     out = base / "adapted"
-    r = run_cli("covidct-train", local, "--init", trained_run["run"], "--out", out, "--epochs", "2",
+    r = run_cli("covidct-train", local, "--init", trained_run["run"], "--out", out, "--adapt", "all", "--epochs", "2",
                 "--groups", r"p\d+", timeout=1800)
     assert r.returncode == 0, r.stderr[-4000:]
     e = run_cli("covidct-export", out, "--out", out / "model.onnx", timeout=900)
@@ -199,6 +199,67 @@ def test_adapted_model_carries_its_provenance(adapted):
     assert a["cross_validated"]["n"] == 30 and len(a["cross_validated"]["roc_auc_ci95"]) == 2
     assert "adapted all from" in adapted["stdout"] and "out-of-fold" in adapted["stdout"]
     assert "provenance is in the contract" in adapted["export_stdout"]
+
+
+def test_the_probe_is_the_regularised_logistic_regression_whatever_the_number_of_features():
+    from covidct.engine.metrics import roc_auc
+    from covidct.train.adapt import PROBE_L2, _logistic, _probe_fit, fit_probe
+
+    rng = np.random.default_rng(0)
+    z = rng.normal(size=(140, 30))
+    y = (z[:, :3].sum(1) + 0.5 * rng.normal(size=140) > 0).astype(np.int64)
+    x = z * rng.uniform(0.1, 5, 30) + rng.normal(size=30)  # features on unlike scales
+    # fewer slices than features after the split below: solved in the slices' span, it must equal the direct solution
+    tr = np.arange(20)
+    w, b = _probe_fit(x[tr], y[tr], 10.0)
+    mu, sd = x[tr].mean(0), x[tr].std(0)
+    direct = _logistic((x[tr] - mu) / sd, y[tr].astype(float), 10.0)
+    np.testing.assert_allclose(w * sd, direct[:-1], atol=1e-6)
+    np.testing.assert_allclose(b + (w * sd) @ (mu / sd), direct[-1], atol=1e-6)
+    # a constant feature gets no weight; the strength is one of the grid, chosen by cross-validation
+    x[:, 5] = 3.0
+    probe = fit_probe(x[:40], y[:40], seed=1)
+    assert abs(probe["weights"][5]) < 1e-12 and probe["l2"] in PROBE_L2 and 0 <= probe["cv_auc"] <= 1
+    assert roc_auc(y[40:], x[40:] @ probe["weights"] + probe["bias"]) > 0.8
+
+
+def test_init_adapts_with_a_probe_that_export_carries_and_refits_the_same(trained_run, tmp_path):
+    """The default ``--adapt probe``: the exported model's probabilities are the logistic regression on the
+    source model's pooled features, refitted here from the same features, labels and seed."""
+    import onnxruntime as ort
+
+    from covidct.engine.contract import read_contract
+    from covidct.engine.decode import decode_file
+    from covidct.train.adapt import fit_probe
+    from covidct.train.model import load_trained, probe_features
+
+    local = _site(tmp_path / "local", 12, seed=8, classes=("Not_Infected", "Infected"))
+    out = tmp_path / "probe"
+    r = run_cli("covidct-train", local, "--init", trained_run["run"], "--out", out, "--groups", r"p\d+")
+    assert r.returncode == 0, r.stderr[-4000:]
+    assert "adapted probe from" in r.stdout
+    e = run_cli("covidct-export", out, "--out", out / "model.onnx")
+    assert e.returncode == 0, e.stderr[-4000:]
+    c = read_contract(out / "model.onnx")
+    src = json.loads((trained_run["run"] / "contract.json").read_text())
+    assert c.architecture == src["architecture"] + "+probe" and c.adaptation["method"] == "probe"
+    assert c.adaptation["source_model_sha256"] == src["source_sha256"] and c.adaptation["local_set"]["n"] == 24
+    files = sorted(p for p in local.rglob("*") if p.is_file())
+    x = np.stack([decode_file(p, **c.decode_kwargs()) for p in files])
+    y = np.array([int(p.parent.name == "Infected") for p in files])
+    source = load_trained(trained_run["run"] / "model.keras", c.image_size, src["architecture"])
+    features, width = probe_features(source)
+    assert c.adaptation["features"].endswith(f"({width} numbers a slice)")
+    # the run's final fit used every local slice in load order (classes sorted, then names) and seed 42
+    order = np.lexsort(([p.name for p in files], [p.parent.name != c.class_names[0] for p in files]))
+    f = features.predict(x[order][..., None].astype(np.float32), verbose=0).astype(np.float64)
+    probe = fit_probe(f, y[order], seed=42)
+    assert probe["l2"] == c.adaptation["l2"]
+    expected = 1 / (1 + np.exp(-(f @ probe["weights"] + probe["bias"])))
+    session = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+    got = session.run(None, {c.input_name: x[order][..., None]})[0][:, 0]
+    np.testing.assert_allclose(got, expected, atol=2e-4)
+    assert len(set(np.round(got, 3))) > 3  # a head that says something, not a constant
 
 
 def test_init_refuses_a_missing_or_incompatible_run_and_a_small_set(trained_run, tmp_path):

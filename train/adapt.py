@@ -12,8 +12,19 @@ on the local folder (20-200 slices). Ten validation slices cannot steer early st
   the same recipe. The out-of-fold AUC is an honest estimate for the site's unseen slices (slightly
   pessimistic: each fold's model saw a fifth fewer slices than the final one).
 
-What is adapted (``method``): ``all`` (every weight; BatchNorm statistics follow the site),
-``bn`` (BatchNorm statistics and affine parameters only), ``head`` (the last Dense layer only).
+What is adapted (``method``):
+
+- ``probe`` (the default): nothing of the network is trained. Each local slice becomes the mean and
+  standard deviation of every rectified feature map of the source model (``model.probe_features``:
+  976 + 976 numbers for the compact network), and an L2-regularised logistic regression on them,
+  classes weighted equally, becomes the new head (``model.with_probe``). Its strength is chosen by
+  repeated 5-fold cross-validation inside whatever slices it is fitted on (nested in the cross-fitting),
+  from ``PROBE_L2``. The fit is exact and takes seconds: with fewer slices than features the
+  solution lies in the span of the slices, so it is solved in that basis (an SVD), by Newton's method.
+  Measured (README, trust section): on UCSD's unseen slices the São Paulo model goes from 0.68 to 0.78
+  with 100 local slices, where fine-tuning every weight reached 0.70;
+- ``all`` (every weight; BatchNorm statistics follow the site), ``bn`` (BatchNorm statistics and affine
+  parameters only), ``head`` (the last Dense layer only): fine-tuning, with the schedule above.
 """
 
 from __future__ import annotations
@@ -22,6 +33,8 @@ import dataclasses
 import datetime as dt
 import json
 import logging
+import os
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,7 +54,11 @@ log = logging.getLogger(__name__)
 
 #: Fewer slices than this of either class are refused: no threshold or estimate can be set on them.
 MIN_PER_CLASS = 10
-METHODS = ("all", "bn", "head")
+METHODS = ("probe", "all", "bn", "head")
+#: The probe's L2 strengths (on standardised features, classes weighted to equal total weight) that
+#: cross-validation chooses from. On UCSD the unseen AUC was flat within 0.01 from 1 to 100.
+PROBE_L2 = (1.0, 10.0, 100.0)
+PROBE_CV_REPEATS = 3
 
 
 @dataclass(frozen=True)
@@ -49,7 +66,7 @@ class AdaptConfig:
     local_dir: Path
     init: Path
     out: Path
-    method: str = "all"
+    method: str = "probe"
     epochs: int = 12
     learning_rate: float = 3e-4
     weight_decay: float = 1e-4
@@ -75,7 +92,7 @@ def source_run(run: Path, option: str = "--init") -> tuple[Contract, Path]:
     """The source run's contract and model, checked: refuses a folder that is not a covidct-train run, a
     model changed since training, or an architecture this version cannot rebuild."""
     from .fit import CONTRACT_FILE, MODEL_FILE
-    from .model import ARCHITECTURES
+    from .model import REBUILDS
 
     run = Path(run)
     missing = [n for n in (MODEL_FILE, CONTRACT_FILE) if not (run / n).is_file()]
@@ -85,9 +102,9 @@ def source_run(run: Path, option: str = "--init") -> tuple[Contract, Path]:
         contract = Contract.from_json((run / CONTRACT_FILE).read_text())
     except ContractError as e:
         raise DataError(f"{option} {run}: its {CONTRACT_FILE} is not a valid contract ({e})") from None
-    if contract.architecture not in ARCHITECTURES:
+    if contract.architecture not in REBUILDS:
         raise DataError(f"{option} {run}: architecture {contract.architecture!r} cannot be adapted by this version "
-                        f"(it rebuilds {list(ARCHITECTURES)})")
+                        f"(it rebuilds {list(REBUILDS)})")
     actual = sha256_file(run / MODEL_FILE)
     if contract.source_sha256 != actual:
         raise DataError(f"{option} {run}: {MODEL_FILE} changed since training (sha256 {actual[:12]} != contract "
@@ -145,10 +162,118 @@ def _fine_tune(model_path: Path, contract: Contract, cfg: AdaptConfig, ds: data_
 
 def adapt(cfg: AdaptConfig) -> dict:
     """Adapt, cross-fit the threshold, write the new run directory; returns its metrics."""
-    from .fit import CONTRACT_FILE, HISTORY_FILE, METRICS_FILE, MODEL_FILE, SPLIT_FILE, contract_metrics
-
     t0 = time.time()
     contract, model_path = source_run(cfg.init)
+    if cfg.method == "probe":
+        return _adapt(cfg, contract, model_path, t0, _ProbeAdapter(model_path, contract))
+    return _adapt(cfg, contract, model_path, t0, _FineTuner(model_path, contract, cfg))
+
+
+class _FineTuner:
+    """Fine-tuning (``all``, ``bn``, ``head``): ``fit(ds, idx, seed)`` gives a Keras model."""
+
+    def __init__(self, model_path: Path, contract: Contract, cfg: AdaptConfig):
+        self.model_path, self.contract, self.cfg = model_path, contract, cfg
+        self.architecture = contract.architecture
+
+    def fit(self, ds: data_mod.Dataset, idx: np.ndarray, seed: int):
+        return _fine_tune(self.model_path, self.contract, self.cfg, ds, idx, seed)
+
+    def provenance(self, history: dict) -> dict:
+        c = self.cfg
+        return {"epochs": c.epochs, "learning_rate": c.learning_rate, "site_augmentation": c.site_augmentation}
+
+
+class _ProbeAdapter:
+    """The linear probe (``probe``): features of every local slice once, then a logistic regression per fit."""
+
+    def __init__(self, model_path: Path, contract: Contract):
+        from .model import PROBE, load_trained, probe_features
+
+        self.source = load_trained(model_path, contract.image_size, contract.architecture)
+        self.features, self.width = probe_features(self.source)
+        base = contract.architecture[:-len(PROBE)] if contract.architecture.endswith(PROBE) else contract.architecture
+        self.architecture = base + PROBE
+        self._x = None
+
+    def fit(self, ds: data_mod.Dataset, idx: np.ndarray, seed: int):
+        from .model import with_probe
+
+        if self._x is None:
+            self._x = self.features.predict(ds.images, batch_size=64, verbose=0).astype(np.float64)
+        probe = fit_probe(self._x[idx], ds.labels[idx], seed)
+        model = with_probe(self.source)
+        model.get_layer("probability").set_weights([probe["weights"][:, None].astype(np.float32),
+                                                    np.array([probe["bias"]], np.float32)])
+        return model, {"l2": probe["l2"], "cv_auc": probe["cv_auc"]}
+
+    def provenance(self, history: dict) -> dict:
+        return {"features": f"mean and standard deviation of each of the source model's rectified feature maps "
+                            f"({self.width} numbers a slice)", "l2": history["l2"],
+                "l2_chosen_from": list(PROBE_L2), "l2_cv_auc": history["cv_auc"]}
+
+
+def _logistic(z: np.ndarray, y: np.ndarray, l2: float, iters: int = 40) -> np.ndarray:
+    """Weights (last: intercept, not penalised) of an L2 logistic regression, classes weighted equally."""
+    n, d = z.shape
+    zb = np.hstack([z, np.ones((n, 1))])
+    sw = np.where(y == 1, 0.5 / max(1, int(y.sum())), 0.5 / max(1, int((1 - y).sum()))) * n
+    penalty = np.full(d + 1, float(l2))
+    penalty[-1] = 0.0
+    w = np.zeros(d + 1)
+    for _ in range(iters):
+        p = 1.0 / (1.0 + np.exp(-np.clip(zb @ w, -50, 50)))
+        grad = zb.T @ (sw * (p - y)) + penalty * w
+        hess = (zb * (sw * p * (1 - p))[:, None]).T @ zb + np.diag(penalty) + 1e-9 * np.eye(d + 1)
+        step = np.linalg.solve(hess, grad)
+        w -= step
+        if np.abs(step).max() < 1e-8:
+            break
+    return w
+
+
+def _probe_fit(x: np.ndarray, y: np.ndarray, l2: float) -> tuple[np.ndarray, float]:
+    """(weights, bias) on the raw features: standardised, solved in the span of the centred slices."""
+    mu, sd = x.mean(0), x.std(0)
+    sd = np.where(sd > 1e-12, sd, 1.0)
+    xc = (x - mu) / sd
+    _, s, vt = np.linalg.svd(xc, full_matrices=False)
+    basis = vt[s > 1e-9 * max(s[0], 1e-30)].T if len(s) and s[0] > 0 else np.zeros((x.shape[1], 0))
+    w = _logistic(xc @ basis, y.astype(np.float64), l2)
+    weights = basis @ w[:-1] / sd
+    return weights, float(w[-1] - weights @ mu)
+
+
+def fit_probe(x: np.ndarray, y: np.ndarray, seed: int) -> dict:
+    """The probe on features ``x`` (n, d) and labels ``y``: its strength chosen by repeated 5-fold
+    cross-validated AUC (stratified) from PROBE_L2, then fitted on every slice."""
+    from covidct.engine.metrics import roc_auc
+
+    k = int(min(5, np.bincount(y, minlength=2).min()))
+    scores = {}
+    for l2 in PROBE_L2:
+        aucs = []
+        for r in range(PROBE_CV_REPEATS if k >= 2 else 0):
+            rng = np.random.default_rng(seed * 1000 + r)
+            fold = np.empty(len(y), np.int64)
+            for c in (0, 1):
+                members = rng.permutation(np.nonzero(y == c)[0])
+                fold[members] = np.arange(len(members)) % k
+            oof = np.zeros(len(y))
+            for f in range(k):
+                w, b = _probe_fit(x[fold != f], y[fold != f], l2)
+                oof[fold == f] = x[fold == f] @ w + b
+            aucs.append(roc_auc(y, oof))
+        scores[l2] = float(np.mean(aucs)) if aucs else float("nan")
+    best = max(PROBE_L2, key=lambda v: (np.nan_to_num(scores[v], nan=-1.0), v))
+    weights, bias = _probe_fit(x, y, best)
+    return {"weights": weights, "bias": bias, "l2": best, "cv_auc": round(scores[best], 4)}
+
+
+def _adapt(cfg: AdaptConfig, contract: Contract, model_path: Path, t0: float, adapter) -> dict:
+    from .fit import CONTRACT_FILE, HISTORY_FILE, METRICS_FILE, MODEL_FILE, SPLIT_FILE, contract_metrics
+    from .model import load_trained
+
     target = cfg.target_sensitivity or contract.target_sensitivity or 0.95
     classes = data_mod.resolve_classes(cfg.local_dir, cfg.positive)
     ds = data_mod.load_images(cfg.local_dir, classes, tuple(contract.image_size), contract.interpolation,
@@ -166,7 +291,7 @@ def adapt(cfg: AdaptConfig) -> dict:
         held = fold == f
         if not held.any():
             continue
-        m, _ = _fine_tune(model_path, contract, cfg, ds, np.nonzero(~held)[0], cfg.seed + 1 + f)
+        m, _ = adapter.fit(ds, np.nonzero(~held)[0], cfg.seed + 1 + f)
         oof[held] = m.predict(ds.images[held], batch_size=64, verbose=0)[:, 0]
         log.info("fold %d/%d adapted on %d slices, scored %d", f + 1, folds, int((~held).sum()), int(held.sum()))
     threshold = operating_threshold(ds.labels, oof, target)
@@ -174,8 +299,15 @@ def adapt(cfg: AdaptConfig) -> dict:
 
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    model, history = _fine_tune(model_path, contract, cfg, ds, np.arange(len(ds.paths)), cfg.seed)
-    model.save(out / MODEL_FILE)
+    model, history = adapter.fit(ds, np.arange(len(ds.paths)), cfg.seed)
+    with tempfile.TemporaryDirectory(dir=out) as tmp:
+        model.save(Path(tmp) / MODEL_FILE)
+        # what export and screening rebuild must be the model fitted here (a probe's head is set, not trained)
+        mine = model.predict(ds.images[:64], batch_size=64, verbose=0)[:, 0]
+        again = load_trained(Path(tmp) / MODEL_FILE, contract.image_size, adapter.architecture)
+        if not np.allclose(again.predict(ds.images[:64], batch_size=64, verbose=0)[:, 0], mine, atol=1e-5):
+            raise RuntimeError(f"the adapted model does not load back as architecture {adapter.architecture!r}")
+        os.replace(Path(tmp) / MODEL_FILE, out / MODEL_FILE)
     provenance = {
         "tool": "covidct-train --init", "project_version": __version__,
         "date": dt.datetime.now(dt.timezone.utc).date().isoformat(),
@@ -183,8 +315,7 @@ def adapt(cfg: AdaptConfig) -> dict:
         "source_threshold": float(contract.threshold), "source_metrics": contract.metrics,
         "local_set": {"n": int(len(ds.paths)), "class_counts": {classes[0]: int(counts[0]), classes[1]: int(counts[1])},
                       "unreadable": len(ds.unreadable)},
-        "method": cfg.method, "epochs": cfg.epochs, "learning_rate": cfg.learning_rate, "folds": folds,
-        "site_augmentation": cfg.site_augmentation, "target_sensitivity": float(target),
+        "method": cfg.method, **adapter.provenance(history), "folds": folds, "target_sensitivity": float(target),
         "threshold_rule": f"the highest threshold reaching the target sensitivity on {folds}-fold out-of-fold "
                           "probabilities of the local set",
         "cross_validated": {k: estimate[k] for k in ("n", "roc_auc", "roc_auc_ci95", "sensitivity",
@@ -203,7 +334,7 @@ def adapt(cfg: AdaptConfig) -> dict:
     new = dataclasses.replace(contract, threshold=float(threshold), target_sensitivity=float(target),
                               metrics=contract_metrics(metrics), source_sha256=sha256_file(out / MODEL_FILE),
                               project_version=__version__, reference=None, calibration=None, agreement=None,
-                              adaptation=provenance)
+                              adaptation=provenance, architecture=adapter.architecture)
     (out / CONTRACT_FILE).write_text(new.to_json())
     return metrics
 

@@ -25,8 +25,9 @@ from covidct.engine.logs import setup_logging
               help="Distil: a run trained on that site alone (same seed) softens the site's training targets.")
 @click.option("--init", "init", default=None, type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="Adapt this covidct-train run's model to the one local folder given (20-200 labelled slices).")
-@click.option("--adapt", "adapt_method", type=click.Choice(["all", "bn", "head"]), default="all", show_default=True,
-              help="With --init: what is fine-tuned (every weight, BatchNorm only, or the last layer).")
+@click.option("--adapt", "adapt_method", type=click.Choice(["probe", "all", "bn", "head"]), default="probe",
+              show_default=True, help="With --init: a new linear head on the model's pooled features (probe), or "
+              "fine-tuning of every weight, BatchNorm only, or the last layer.")
 @click.option("--positive", default=None, help="Name of the positive class folder (default: recognised by name).")
 @click.option("--groups", default=None, help="Regex on file names whose match (or first group) is a patient id.")
 @click.option("--arch", type=click.Choice(["compact", "seed"]), default="compact", show_default=True,

@@ -8,6 +8,11 @@ from __future__ import annotations
 
 #: Architecture names accepted by ``--arch``; the first is the default.
 ARCHITECTURES = ("compact", "seed")
+#: Suffix of an architecture whose head is a linear probe over pooled feature statistics (``with_probe``):
+#: what ``covidct-train --init --adapt probe`` writes. Not a training choice: ``--arch`` takes ARCHITECTURES.
+PROBE = "+probe"
+#: Every architecture ``load_trained`` rebuilds.
+REBUILDS = ARCHITECTURES + tuple(a + PROBE for a in ARCHITECTURES)
 
 #: Channels of the compact network: a stride-2 stem, then one residual block per stage, each
 #: halving the resolution. 1.2M parameters; the cost per image is measured in benchmarks/.
@@ -201,13 +206,67 @@ def build_seed(image_size: tuple[int, int], seed: int = 0):
     return model
 
 
+def feature_layers(model) -> list:
+    """The layers whose outputs the probe pools: every rectified feature map (ReLU layers, and Conv2D
+    layers with a ReLU activation), in the model's order."""
+    import keras
+
+    out = []
+    for layer in model.layers:
+        if len(layer.output.shape) != 4:
+            continue
+        relu = isinstance(layer, keras.layers.ReLU) or (
+            isinstance(layer, keras.layers.Conv2D) and getattr(layer.activation, "__name__", "") == "relu")
+        if relu:
+            out.append(layer)
+    return out
+
+
+def pooled_stats(name: str):
+    """A layer: (batch, h, w, c) to (batch, 2c), each channel's mean and standard deviation over the map."""
+    import keras
+    from keras import ops
+
+    class PooledStats(keras.layers.Layer):
+        def call(self, x):
+            return ops.concatenate([ops.mean(x, axis=(1, 2)), ops.std(x, axis=(1, 2))], axis=-1)
+
+        def compute_output_shape(self, input_shape):
+            return (input_shape[0], 2 * input_shape[-1])
+
+    return PooledStats(name=name)
+
+
+def probe_features(model):
+    """(feature model, its width): the concatenated pooled statistics of ``feature_layers(model)``."""
+    import keras
+
+    stats = [pooled_stats(f"stats_{i}")(layer.output) for i, layer in enumerate(feature_layers(model))]
+    x = keras.layers.Concatenate(name="probe_features")(stats) if len(stats) > 1 else stats[0]
+    return keras.Model(model.inputs, x, name=model.name + "_features"), int(x.shape[-1])
+
+
+def with_probe(model):
+    """``model``'s feature extractor with a new head: one sigmoid unit over ``probe_features`` (Kornblith et
+    al. 2019, Kumar et al. 2022: a linear probe on frozen features holds up where few labels fine-tune a
+    network into over-fitting). Its weights are set by ``train.adapt``; the output keeps the name
+    "probability", so the exported graph has the contract's input and output."""
+    import keras
+
+    features, _ = probe_features(model)
+    out = keras.layers.Dense(1, activation="sigmoid", name="probability")(features.output)
+    return keras.Model(model.inputs, out, name=model.name + "_probe")
+
+
 def build_model(image_size: tuple[int, int], seed: int = 0, arch: str = "seed", mixstyle: bool = True):
     """The named architecture (uncompiled for "compact": its optimizer depends on the schedule)."""
+    if arch.endswith(PROBE) and arch[:-len(PROBE)] in ARCHITECTURES:
+        return with_probe(build_model(image_size, seed, arch[:-len(PROBE)], mixstyle))
     if arch == "compact":
         return build_compact(image_size, seed, mixstyle=mixstyle)
     if arch == "seed":
         return build_seed(image_size, seed)
-    raise ValueError(f"arch must be one of {list(ARCHITECTURES)}; got {arch!r}")
+    raise ValueError(f"arch must be one of {list(REBUILDS)}; got {arch!r}")
 
 
 def load_trained(path, image_size: tuple[int, int], arch: str = "seed"):
