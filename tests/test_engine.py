@@ -354,6 +354,7 @@ def test_the_engine_ends_its_local_runtime_faster_than_ray_shutdown_and_leaves_n
     assert seconds["local-engine-shutdown"] < 0.7 * seconds["local"], seconds
 
 
+@pytest.mark.slow  # starts a head and a second node: about half a minute on 2 cores
 def test_two_node_cluster_with_token_through_address(tmp_path, archive):
     root, expected = archive
     token = os.urandom(16).hex()

@@ -85,6 +85,7 @@ def test_leave_one_site_out_reports_one_row_per_site(two_sites):
     assert two_sites["stdout"].count("trained on") == 2
 
 
+@pytest.mark.slow  # opt-in and experimental (--teacher): a training of its own
 def test_a_teacher_trained_on_one_site_softens_only_its_training_targets(two_sites, tmp_path):
     """--teacher SITE=RUN: the leave-one-site-out run without the clinic was trained on big-site alone with
     this run's seed and groups, so its split is this run's for big-site: a valid teacher for it."""

@@ -15,8 +15,8 @@ on the local folder (20-200 slices). Ten validation slices cannot steer early st
 What is adapted (``method``):
 
 - ``probe`` (the default): nothing of the network is trained. Each local slice becomes the mean and
-  standard deviation of every rectified feature map of the source model (``model.probe_features``:
-  976 + 976 numbers for the compact network), and an L2-regularised logistic regression on them,
+  standard deviation of every rectified feature map of the source model after the first
+  (``model.probe_features``: 960 + 960 numbers for the compact network), and an L2-regularised logistic regression on them,
   classes weighted equally, becomes the new head (``model.with_probe``). Its strength is chosen by
   repeated 5-fold cross-validation inside whatever slices it is fitted on (nested in the cross-fitting),
   from ``PROBE_L2``. The fit is exact and takes seconds: with fewer slices than features the

@@ -35,11 +35,12 @@ from covidct.engine.logs import setup_logging
 @click.option("--preprocessing", type=click.Choice(["lung-crop", "resize"]), default="lung-crop", show_default=True,
               help="lung-crop: frame the lungs, normalise intensity from the image itself; resize: the whole image.")
 @click.option("--epochs", type=click.IntRange(1), default=None,
-              help="Epochs (compact: 120, a fixed cosine schedule; seed: at most 30, early stopping; --init: 12).")
+              help="Epochs (compact: 120, a fixed cosine schedule; seed: at most 30, early stopping; "
+                   "--init fine-tuning: 12).")
 @click.option("--image-size", type=click.IntRange(8, 4096), default=None,
               help="Square input size in pixels (compact: 192; seed: 256).")
 @click.option("--learning-rate", type=click.FloatRange(0, min_open=True), default=None,
-              help="Peak learning rate (compact: 2e-3 AdamW; seed: 1e-4 Adam; --init: 3e-4 AdamW).")
+              help="Peak learning rate (compact: 2e-3 AdamW; seed: 1e-4 Adam; --init --adapt all/bn/head: 3e-4 AdamW).")
 @click.option("--site-augmentation/--no-site-augmentation", default=None,
               help="Imitate other hospitals' windows, framing, text and quality while training (compact: on).")
 @click.option("--augment-share", type=click.FloatRange(0, 1), default=None,
