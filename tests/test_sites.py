@@ -224,7 +224,20 @@ def test_the_probe_is_the_regularised_logistic_regression_whatever_the_number_of
     assert roc_auc(y[40:], x[40:] @ probe["weights"] + probe["bias"]) > 0.8
 
 
-def test_init_adapts_with_a_probe_that_export_carries_and_refits_the_same(trained_run, tmp_path):
+@pytest.fixture(scope="module")
+def probed(trained_run, tmp_path_factory):
+    """The session's trained run adapted with the default ``--adapt probe`` to a synthetic site, then exported."""
+    base = tmp_path_factory.mktemp("probe")
+    local = _site(base / "local", 12, seed=8, classes=("Not_Infected", "Infected"))
+    out = base / "probe"
+    r = run_cli("covidct-train", local, "--init", trained_run["run"], "--out", out, "--groups", r"p\d+")
+    assert r.returncode == 0, r.stderr[-4000:]
+    e = run_cli("covidct-export", out, "--out", out / "model.onnx")
+    assert e.returncode == 0, e.stderr[-4000:]
+    return {"local": local, "out": out, "stdout": r.stdout}
+
+
+def test_init_adapts_with_a_probe_that_export_carries_and_refits_the_same(trained_run, probed):
     """The default ``--adapt probe``: the exported model's probabilities are the logistic regression on the
     source model's pooled features, refitted here from the same features, labels and seed."""
     import onnxruntime as ort
@@ -234,13 +247,8 @@ def test_init_adapts_with_a_probe_that_export_carries_and_refits_the_same(traine
     from covidct.train.adapt import fit_probe
     from covidct.train.model import load_trained, probe_features
 
-    local = _site(tmp_path / "local", 12, seed=8, classes=("Not_Infected", "Infected"))
-    out = tmp_path / "probe"
-    r = run_cli("covidct-train", local, "--init", trained_run["run"], "--out", out, "--groups", r"p\d+")
-    assert r.returncode == 0, r.stderr[-4000:]
-    assert "adapted probe from" in r.stdout
-    e = run_cli("covidct-export", out, "--out", out / "model.onnx")
-    assert e.returncode == 0, e.stderr[-4000:]
+    local, out = probed["local"], probed["out"]
+    assert "adapted probe from" in probed["stdout"]
     c = read_contract(out / "model.onnx")
     src = json.loads((trained_run["run"] / "contract.json").read_text())
     assert c.architecture == src["architecture"] + "+probe" and c.adaptation["method"] == "probe"
@@ -261,6 +269,21 @@ def test_init_adapts_with_a_probe_that_export_carries_and_refits_the_same(traine
     got = session.run(None, {c.input_name: x[order][..., None]})[0][:, 0]
     np.testing.assert_allclose(got, expected, atol=2e-4)
     assert len(set(np.round(got, 3))) > 3  # a head that says something, not a constant
+
+
+@pytest.mark.slow  # two more adaptations (one fine-tunes, five folds and the final fit)
+def test_an_adapted_model_adapts_again_by_probe_or_fine_tuning(probed, tmp_path):
+    from covidct.engine.contract import read_contract
+
+    for method, extra in (("probe", ()), ("all", ("--epochs", "1"))):
+        out = tmp_path / method
+        r = run_cli("covidct-train", probed["local"], "--init", probed["out"], "--adapt", method, *extra,
+                    "--out", out, "--groups", r"p\d+")
+        assert r.returncode == 0, r.stderr[-4000:]
+        c = json.loads((out / "contract.json").read_text())
+        assert c["architecture"] == "compact+probe" and c["adaptation"]["method"] == method
+        assert c["adaptation"]["previous_adaptation"]["method"] == "probe"
+    assert read_contract(probed["out"] / "model.onnx").architecture == "compact+probe"
 
 
 def test_init_refuses_a_missing_or_incompatible_run_and_a_small_set(trained_run, tmp_path):

@@ -139,14 +139,14 @@ def _fine_tune(model_path: Path, contract: Contract, cfg: AdaptConfig, ds: data_
     import keras
 
     from .fit import SiteSequence, TrainConfig
-    from .model import load_trained
+    from .model import PROBE, load_trained
 
     model = load_trained(model_path, contract.image_size, contract.architecture)
     if cfg.method != "all":
         for layer in model.layers:
             is_bn = isinstance(layer, keras.layers.BatchNormalization)
             layer.trainable = is_bn if cfg.method == "bn" else layer.name == contract.output_name
-    tcfg = TrainConfig(data_dir=cfg.local_dir, out=cfg.out, arch=contract.architecture,
+    tcfg = TrainConfig(data_dir=cfg.local_dir, out=cfg.out, arch=contract.architecture.removesuffix(PROBE),
                        image_size=tuple(contract.image_size), batch_size=cfg.batch_size, seed=seed,
                        interpolation=contract.interpolation, window=dict(contract.window),
                        site_augmentation=cfg.site_augmentation, augment_share=cfg.augment_share, epochs=cfg.epochs,

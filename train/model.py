@@ -224,6 +224,10 @@ def feature_layers(model) -> list:
     return out[1:] if len(out) > 1 else out
 
 
+#: Added to each pooled variance before its square root (see ``pooled_stats``).
+VAR_EPS = 1e-6
+
+
 def pooled_stats(name: str):
     """A layer: (batch, h, w, c) to (batch, 2c), each channel's mean and standard deviation over the map."""
     import keras
@@ -232,10 +236,12 @@ def pooled_stats(name: str):
     class PooledStats(keras.layers.Layer):
         def call(self, x):
             # E[x^2] - E[x]^2: one pass less over the map than the centred form (rectified maps are O(1),
-            # so float32 keeps it to about 1e-7 of the variance); clipped at 0 against rounding
+            # so float32 keeps it to about 1e-7 of the variance); clipped at 0 against rounding. VAR_EPS
+            # keeps the square root's gradient finite on a dead channel (variance 0), so that a probed
+            # model can be fine-tuned (--init on it with --adapt all) without NaN weights.
             mean = ops.mean(x, axis=(1, 2))
             var = ops.maximum(ops.mean(ops.square(x), axis=(1, 2)) - ops.square(mean), 0.0)
-            return ops.concatenate([mean, ops.sqrt(var)], axis=-1)
+            return ops.concatenate([mean, ops.sqrt(var + VAR_EPS)], axis=-1)
 
         def compute_output_shape(self, input_shape):
             return (input_shape[0], 2 * input_shape[-1])
