@@ -16,10 +16,10 @@ What is adapted (``method``):
 
 - ``probe`` (the default): nothing of the network is trained. Each local slice becomes the mean and
   standard deviation of every rectified feature map of the source model after the first
-  (``model.probe_features``: 960 + 960 numbers for the compact network), and an L2-regularised logistic regression on them,
-  classes weighted equally, becomes the new head (``model.with_probe``). Its strength is chosen by
-  repeated 5-fold cross-validation inside whatever slices it is fitted on (nested in the cross-fitting),
-  from ``PROBE_L2``. The fit is exact and takes seconds: with fewer slices than features the
+  (``model.probe_features``: 960 + 960 numbers for the compact network), and an L2-regularised logistic
+  regression on them, classes weighted equally, becomes the new head (``model.with_probe``). Its
+  strength is chosen by repeated 5-fold cross-validation inside whatever slices it is fitted on (nested
+  in the cross-fitting), from ``PROBE_L2``. The fit is exact and takes seconds: with fewer slices than features the
   solution lies in the span of the slices, so it is solved in that basis (an SVD), by Newton's method.
   Measured (README, trust section): on UCSD's unseen slices the São Paulo model goes from 0.68 to 0.78
   with 100 local slices, where fine-tuning every weight reached 0.70;
@@ -192,8 +192,7 @@ class _ProbeAdapter:
 
         self.source = load_trained(model_path, contract.image_size, contract.architecture)
         self.features, self.width = probe_features(self.source)
-        base = contract.architecture[:-len(PROBE)] if contract.architecture.endswith(PROBE) else contract.architecture
-        self.architecture = base + PROBE
+        self.architecture = contract.architecture.removesuffix(PROBE) + PROBE
         self._x = None
 
     def fit(self, ds: data_mod.Dataset, idx: np.ndarray, seed: int):
