@@ -336,10 +336,11 @@ def test_local_runtime_requires_its_token(tmp_path):
 def test_the_engine_ends_its_local_runtime_faster_than_ray_shutdown_and_leaves_no_process():
     """Ray's own shutdown waits a second for the autoscaler monitor (which does not answer SIGTERM in that
     time), after the raylet and GCS; the engine ends that process at once. Both are timed here, one after the
-    other, on the same machine."""
+    other, on the same machine, twice each (the faster of two: on a loaded 2-core machine the GCS itself
+    sometimes takes a second to stop, in either path)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")}
     seconds, codes = {}, {}
-    for mode in ("local", "local-engine-shutdown"):
+    for mode in ("local", "local-engine-shutdown") * 2:
         p, _ = _helper(mode, env)
         try:
             out, _ = p.communicate(input="", timeout=120)
@@ -347,8 +348,9 @@ def test_the_engine_ends_its_local_runtime_faster_than_ray_shutdown_and_leaves_n
         finally:
             _kill_session(p.pid)
         words = out.split()
-        seconds[mode] = float(words[words.index("SHUTDOWN_S") + 1])
-        codes[mode] = words[words.index("MONITOR_RC") + 1:]
+        seconds[mode] = min(seconds.get(mode, float("inf")), float(words[words.index("SHUTDOWN_S") + 1]))
+        rc = words[words.index("MONITOR_RC") + 1:]
+        assert codes.setdefault(mode, rc) == rc, (mode, rc, codes)
     # Ray's own path ends the monitor with SIGKILL too, after a second's grace: the time tells them apart
     assert codes == {m: [str(-signal.SIGKILL)] for m in codes}, codes
     assert seconds["local-engine-shutdown"] < 0.7 * seconds["local"], seconds
