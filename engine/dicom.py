@@ -306,6 +306,39 @@ def _pixel_error(e: Exception, ts) -> DecodeError:
     return DecodeError(CORRUPT, f"{what} could not be decoded (damaged?): {msg}")
 
 
+#: Native syntaxes whose little-endian pixel bytes ``_native_pixels`` reads itself.
+_LITTLE_ENDIAN = ("1.2.840.10008.1.2", "1.2.840.10008.1.2.1")
+
+
+def _native_pixels(ds, ts, frames: int) -> np.ndarray:
+    """``ds.pixel_array`` of native pixel data. The common CT case (little-endian, one sample, 8 or 16
+    bits allocated, whole frames present) is read from the PixelData bytes here, as pydicom makes it
+    (bits above BitsStored masked off, or the sign extended into them, as its ``correct_unused_bits``
+    does) without its decoder's set-up; any other case, and every error, is pydicom's."""
+    try:
+        bits = int(ds.get("BitsAllocated", 0) or 0)
+        rows, cols = int(ds.Rows), int(ds.Columns)
+        ok = (str(ts or "1.2.840.10008.1.2") in _LITTLE_ENDIAN and bits in (8, 16)
+              and int(ds.get("SamplesPerPixel", 1) or 1) == 1 and int(ds.get("PixelRepresentation", 0)) in (0, 1)
+              and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds)
+        raw = ds.PixelData if ok else None
+    except Exception:  # noqa: BLE001  whatever is odd about the header, pydicom says it
+        raw = None
+    count = frames * rows * cols if raw is not None else 0
+    if raw is None or not isinstance(raw, (bytes, bytearray)) or len(raw) < count * (bits // 8):
+        return ds.pixel_array
+    dtype = np.dtype(("<i" if int(ds.PixelRepresentation) else "<u") + str(bits // 8))
+    arr = np.frombuffer(raw, dtype=dtype, count=count)
+    shift = bits - int(ds.get("BitsStored", bits) or bits)
+    if not 0 <= shift < bits:
+        return ds.pixel_array
+    if shift:  # pydicom's correct_unused_bits: high bits masked off (unsigned) or sign-extended
+        arr = arr.copy()
+        np.left_shift(arr, shift, out=arr)
+        np.right_shift(arr, shift, out=arr)
+    return arr.reshape(rows, cols) if frames == 1 else arr.reshape(frames, rows, cols)
+
+
 def _decode_pixels(ds, data: bytes, window: dict, max_pixels: int, ident: list[str]) -> list[Slice]:
     sop_class = str(ds.get("SOPClassUID", ""))
     modality = str(ds.get("Modality", ""))
@@ -324,7 +357,7 @@ def _decode_pixels(ds, data: bytes, window: dict, max_pixels: int, ident: list[s
     compressed = ts is not None and ts.is_compressed
     try:
         # native decoders can abort their process on damaged data: compressed pixels decode in a child
-        pixels = sandbox().pixel_array(data) if compressed else ds.pixel_array
+        pixels = sandbox().pixel_array(data) if compressed else _native_pixels(ds, ts, frames)
     except DecodeError:
         raise
     except Exception as e:  # pydicom raises RuntimeError/ValueError/NotImplementedError per plugin

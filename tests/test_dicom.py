@@ -108,6 +108,50 @@ def test_windowing_by_table_equals_the_float_definition_to_the_bit(dtype):
                           stored_to_grey(stored, 1.0, -1024.0, -600.0, 1500.0))
 
 
+def test_native_pixels_read_directly_equal_pydicoms_pixel_array_to_the_bit():
+    """The engine reads native little-endian pixel data itself (no decoder set-up): on every native test
+    file pydicom ships, and on variants with unused high bits set (to be masked, or sign-extended), the
+    array is pydicom's, dtype and shape included."""
+    import warnings
+
+    from pydicom.data import get_testdata_files
+
+    from covidct.engine.dicom import _native_pixels
+
+    checked, direct = 0, 0
+    rng = np.random.default_rng(7)
+    cases = []
+    for f in get_testdata_files("*.dcm"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            try:
+                ds = pydicom.dcmread(f, force=True)
+                ts = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
+                if "PixelData" not in ds or (ts is not None and ts.is_compressed):
+                    continue
+                ds.pixel_array  # noqa: B018  only files pydicom itself decodes
+            except Exception:  # noqa: BLE001
+                continue
+        cases.append(ds)
+        if ds.get("BitsAllocated") == 16 and ds.get("SamplesPerPixel", 1) == 1 and "NumberOfFrames" not in ds:
+            for rep in (0, 1):  # garbage in the 4 unused bits of a 12-bit slice
+                v = copy.deepcopy(ds)
+                v.BitsStored, v.HighBit, v.PixelRepresentation = 12, 11, rep
+                v.PixelData = rng.integers(0, 1 << 16, int(v.Rows) * int(v.Columns), dtype=np.uint16).tobytes()
+                cases.append(v)
+    for ds in cases:
+        ts = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
+        frames = int(ds.get("NumberOfFrames", 1) or 1)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ref = ds.pixel_array
+            got = _native_pixels(ds, ts, frames)
+        assert got.dtype == ref.dtype and got.shape == ref.shape and np.array_equal(got, ref), ds.filename
+        checked += 1
+        direct += got is not ref  # pydicom keeps its array: a fallback returns that very object
+    assert checked >= 40 and direct >= 30, (checked, direct)
+
+
 def write_ct(path: Path, hu: np.ndarray) -> Path:
     """A CT slice holding ``hu`` (stored as scanners do: uint16 with intercept -1024), on CT_small's header."""
     ds = pydicom.dcmread(dicom_file("CT_small.dcm"))
