@@ -221,6 +221,7 @@ def _window_lut(dtype: str, slope: float, intercept: float, level: float, width:
 
 
 DEFLATED = "1.2.840.10008.1.2.1.99"
+_DEFLATED_UID = DEFLATED.encode("ascii")
 
 
 def check_deflated(data: bytes, max_pixels: int) -> None:
@@ -230,6 +231,8 @@ def check_deflated(data: bytes, max_pixels: int) -> None:
 
     from pydicom.filereader import _read_file_meta_info, read_preamble
 
+    if _DEFLATED_UID not in data:  # the syntax is named in the meta group, or the dataset is not deflated
+        return
     f = io.BytesIO(data)
     try:
         read_preamble(f, force=True)
