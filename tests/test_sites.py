@@ -237,6 +237,26 @@ def probed(trained_run, tmp_path_factory):
     return {"local": local, "out": out, "stdout": r.stdout}
 
 
+def test_probe_features_are_each_maps_mean_and_maximum_and_an_older_probe_is_refused(tmp_path):
+    """The probe's features, against numpy on the same maps; a probe of an earlier release (another pooling
+    under a head of the same width) is refused by name rather than loaded into today's graph."""
+    import keras
+
+    from covidct.train.model import RETIRED_PROBES, build_model, feature_layers, probe_features
+
+    model = build_model((64, 64), arch="compact")
+    features, width = probe_features(model)
+    layers = feature_layers(model)
+    x = np.random.default_rng(0).integers(0, 256, (3, 64, 64, 1)).astype(np.float32)
+    maps = keras.Model(model.inputs, [layer.output for layer in layers]).predict(x, verbose=0)
+    expected = np.concatenate([np.concatenate([m.mean(axis=(1, 2)), m.max(axis=(1, 2))], axis=-1) for m in maps], -1)
+    assert width == expected.shape[1] == 2 * sum(m.shape[-1] for m in maps)
+    np.testing.assert_allclose(features.predict(x, verbose=0), expected, rtol=1e-5, atol=1e-6)
+    for old in RETIRED_PROBES:
+        with pytest.raises(ValueError, match="earlier covidct-batch"):
+            build_model((64, 64), arch="compact" + old)
+
+
 def test_init_adapts_with_a_probe_that_export_carries_and_refits_the_same(trained_run, probed):
     """The default ``--adapt probe``: the exported model's probabilities are the logistic regression on the
     source model's pooled features, refitted here from the same features, labels and seed."""
@@ -245,13 +265,13 @@ def test_init_adapts_with_a_probe_that_export_carries_and_refits_the_same(traine
     from covidct.engine.contract import read_contract
     from covidct.engine.decode import decode_file
     from covidct.train.adapt import fit_probe
-    from covidct.train.model import load_trained, probe_features
+    from covidct.train.model import PROBE, load_trained, probe_features
 
     local, out = probed["local"], probed["out"]
     assert "adapted probe from" in probed["stdout"]
     c = read_contract(out / "model.onnx")
     src = json.loads((trained_run["run"] / "contract.json").read_text())
-    assert c.architecture == src["architecture"] + "+probe" and c.adaptation["method"] == "probe"
+    assert c.architecture == src["architecture"] + PROBE and c.adaptation["method"] == "probe"
     assert c.adaptation["source_model_sha256"] == src["source_sha256"] and c.adaptation["local_set"]["n"] == 24
     files = sorted(p for p in local.rglob("*") if p.is_file())
     x = np.stack([decode_file(p, **c.decode_kwargs()) for p in files])
@@ -274,6 +294,7 @@ def test_init_adapts_with_a_probe_that_export_carries_and_refits_the_same(traine
 @pytest.mark.slow  # two more adaptations (one fine-tunes, five folds and the final fit)
 def test_an_adapted_model_adapts_again_by_probe_or_fine_tuning(probed, tmp_path):
     from covidct.engine.contract import read_contract
+    from covidct.train.model import PROBE
 
     for method, extra in (("probe", ()), ("all", ("--epochs", "1"))):
         out = tmp_path / method
@@ -281,9 +302,9 @@ def test_an_adapted_model_adapts_again_by_probe_or_fine_tuning(probed, tmp_path)
                     "--out", out, "--groups", r"p\d+")
         assert r.returncode == 0, r.stderr[-4000:]
         c = json.loads((out / "contract.json").read_text())
-        assert c["architecture"] == "compact+probe" and c["adaptation"]["method"] == method
+        assert c["architecture"] == "compact" + PROBE and c["adaptation"]["method"] == method
         assert c["adaptation"]["previous_adaptation"]["method"] == "probe"
-    assert read_contract(probed["out"] / "model.onnx").architecture == "compact+probe"
+    assert read_contract(probed["out"] / "model.onnx").architecture == "compact" + PROBE
 
 
 def test_init_refuses_a_missing_or_incompatible_run_and_a_small_set(trained_run, tmp_path):

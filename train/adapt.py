@@ -15,13 +15,13 @@ on the local folder (20-200 slices). Ten validation slices cannot steer early st
 What is adapted (``method``):
 
 - ``probe`` (the default): nothing of the network is trained. Each local slice becomes the mean and
-  standard deviation of every rectified feature map of the source model after the first
+  maximum of every rectified feature map of the source model after the first
   (``model.probe_features``: 960 + 960 numbers for the compact network), and an L2-regularised logistic
   regression on them, classes weighted equally, becomes the new head (``model.with_probe``). Its
   strength is chosen by repeated 5-fold cross-validation inside whatever slices it is fitted on (nested
   in the cross-fitting), from ``PROBE_L2``. The fit is exact and takes seconds: with fewer slices than features the
   solution lies in the span of the slices, so it is solved in that basis (an SVD), by Newton's method.
-  Measured (README, trust section): on UCSD's unseen slices the São Paulo model goes from 0.68 to 0.78
+  Measured (README, trust section): on UCSD's unseen slices the São Paulo model goes from 0.68 to 0.77
   with 100 local slices, where fine-tuning every weight reached 0.70;
 - ``all`` (every weight; BatchNorm statistics follow the site), ``bn`` (BatchNorm statistics and affine
   parameters only), ``head`` (the last Dense layer only): fine-tuning, with the schedule above.
@@ -207,7 +207,7 @@ class _ProbeAdapter:
         return model, {"l2": probe["l2"], "cv_auc": probe["cv_auc"]}
 
     def provenance(self, history: dict) -> dict:
-        return {"features": f"mean and standard deviation of each of the source model's rectified feature maps "
+        return {"features": f"mean and maximum of each of the source model's rectified feature maps "
                             f"({self.width} numbers a slice)", "l2": history["l2"],
                 "l2_chosen_from": list(PROBE_L2), "l2_cv_auc": history["cv_auc"]}
 
