@@ -199,7 +199,7 @@ def main() -> None:
     ap.add_argument("--groups", default=FIGURE_GROUPS)
     ap.add_argument("--adapt", default="probe", choices=["probe", "all", "bn", "head"])
     ap.add_argument("--results", type=Path, default=RESULTS)
-    ap.add_argument("--tag", default="", help="suffix of the result files")
+    ap.add_argument("--tag", default="", help="suffix of the result files, after a '-' (e.g. 'probe')")
     ap.add_argument("--init-args", default="", help="more options for covidct-train --init, e.g. '--epochs 20'")
     args = ap.parse_args()
     report = run(args.source, args.site, args.work, args.sizes, args.seed, args.groups, args.adapt,
@@ -207,7 +207,8 @@ def main() -> None:
     report["machine"] = machine()
     report["date"] = time.strftime("%Y-%m-%d")
     m = report["machine"]
-    stem = args.results / f"adaptation-{m['cores']}core-{cpu_class(m['cpu_flags'])}{args.tag}"
+    tag = f"-{args.tag.lstrip('-')}" if args.tag else ""
+    stem = args.results / f"adaptation-{m['cores']}core-{cpu_class(m['cpu_flags'])}{tag}"
     stem.with_suffix(".json").write_text(json.dumps(report, indent=2))
     stem.with_suffix(".md").write_text(markdown(report))
     print(markdown(report))
