@@ -172,11 +172,17 @@ def _padding(small: np.ndarray) -> np.ndarray:
 
 
 def _components(mask: np.ndarray):
-    """8-connected components of a 0/1 uint8 mask: (count, labels, stats). Spaghetti (OpenCV's fastest
-    labelling, 2.5x the default's speed on a 128x128 working copy) with 16-bit labels where they fit."""
-    ltype = cv2.CV_16U if mask.size < (1 << 17) else cv2.CV_32S  # at most size / 4 components (8-connected)
-    n, lab, stats, _ = cv2.connectedComponentsWithStatsWithAlgorithm(mask, 8, ltype, cv2.CCL_SPAGHETTI)
-    return n, lab, stats
+    """8-connected components of a 0/1 uint8 mask: (count, labels, areas). Spaghetti (OpenCV's fastest
+    labelling, 2.5x the default's speed on a 128x128 working copy) with 16-bit labels where they fit; the
+    areas from a histogram of the labels (OpenCV's statistics, which also make boxes and centroids, took
+    45 us on a 128x128 working copy against 12 us for the labels alone)."""
+    if mask.size < (1 << 17):  # at most size / 4 components (8-connected): 16-bit labels
+        n, lab = cv2.connectedComponentsWithAlgorithm(mask, 8, cv2.CV_16U, cv2.CCL_SPAGHETTI)
+        areas = cv2.calcHist([lab], [0], None, [n], [0, n]).ravel().astype(np.int64)  # exact below 2**24
+    else:
+        n, lab = cv2.connectedComponentsWithAlgorithm(mask, 8, cv2.CV_32S, cv2.CCL_SPAGHETTI)
+        areas = np.bincount(lab.ravel(), minlength=n).astype(np.int64)
+    return n, lab, areas
 
 
 def _select(lab: np.ndarray, n: int, keep: np.ndarray) -> np.ndarray:
@@ -194,13 +200,13 @@ def _select(lab: np.ndarray, n: int, keep: np.ndarray) -> np.ndarray:
 
 
 def _substantial(mask: np.ndarray, rel: float, floor: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """(selected-pixel mask, stats, ids, labels) of components at least ``rel`` of the largest and ``floor`` pixels."""
-    n, lab, stats = _components(mask)
+    """(selected-pixel mask, areas, ids, labels) of components at least ``rel`` of the largest and ``floor``
+    pixels; ``areas`` is indexed by label (0: the background)."""
+    n, lab, areas = _components(mask)
     if n < 2:
-        return np.zeros(mask.shape, np.uint8), stats, np.zeros(0, np.int64), lab
-    areas = stats[1:, cv2.CC_STAT_AREA]
-    keep = 1 + np.nonzero(areas >= max(rel * areas.max(), floor))[0]
-    return _select(lab, n, keep), stats, keep, lab
+        return np.zeros(mask.shape, np.uint8), areas, np.zeros(0, np.int64), lab
+    keep = 1 + np.nonzero(areas[1:] >= max(rel * areas[1:].max(), floor))[0]
+    return _select(lab, n, keep), areas, keep, lab
 
 
 _OPEN = np.ones((3, 3), np.uint8)
@@ -240,7 +246,7 @@ def find_body_and_lungs(small: np.ndarray):
     nvalid = cv2.countNonZero(valid)
     if nvalid < 0.05 * small.size:
         return None, None, None, None
-    t = _otsu(small[valid > 0])
+    t = _otsu(small if nvalid == small.size else small[valid > 0])  # no padding: no copy of the pixels
     body = _body(small, valid, t)
     if body is None:
         # Three classes (black lungs, grey tissue, bright contrast or bone under a soft-tissue
@@ -254,16 +260,15 @@ def find_body_and_lungs(small: np.ndarray):
     nbody = cv2.countNonZero(body)
     below = cv2.threshold(small, t, 1, cv2.THRESH_BINARY_INV)[1]
     dark = cv2.morphologyEx(cv2.bitwise_and(below, body), cv2.MORPH_OPEN, _OPEN)
-    chosen, stats, keep, lab = _substantial(dark, 0.15, max(1, int(0.01 * nbody)))
+    chosen, areas, keep, lab = _substantial(dark, 0.15, max(1, int(0.01 * nbody)))
     if len(keep) > 3:  # the three largest: two lungs, or lungs split by a fissure or a lesion
-        keep = keep[np.argsort(-stats[keep, cv2.CC_STAT_AREA])][:3]
-        chosen = _select(lab, len(stats), keep)
-    if not len(keep) or stats[keep, cv2.CC_STAT_AREA].sum() < 0.05 * nbody:
+        # int32 and numpy's default sort, as on OpenCV's statistics before: ties keep the order they had
+        keep = keep[np.argsort(-areas[keep].astype(np.int32))][:3]
+        chosen = _select(lab, len(areas), keep)
+    if not len(keep) or areas[keep].sum() < 0.05 * nbody:
         return body, None, t, None
-    x0, y0 = stats[keep, 0].min(), stats[keep, 1].min()
-    x1 = (stats[keep, 0] + stats[keep, 2]).max()
-    y1 = (stats[keep, 1] + stats[keep, 3]).max()
-    return body, (int(y0), int(y1), int(x0), int(x1)), t, chosen
+    x0, y0, w, h = cv2.boundingRect(chosen)  # the union of the kept components' boxes
+    return body, (int(y0), int(y0 + h), int(x0), int(x0 + w)), t, chosen
 
 
 def lung_crop(grey: np.ndarray, image_size: tuple[int, int], interpolation: int, spec: dict

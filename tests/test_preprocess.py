@@ -173,3 +173,27 @@ def test_area_reduction_by_an_integer_factor_is_opencvs_area_to_the_byte():
                 assert got.dtype == np.uint8 and got.shape == want.shape, (shape, f)
                 assert np.array_equal(got, want), (shape, f, int((got != want).sum()))
     assert (1025 * 1030) > _FLOAT_AREA_MAX >= 1024 * 1024  # both paths were compared above
+
+
+def test_components_areas_and_the_lung_box_are_opencvs_statistics():
+    """Labels and areas without OpenCV's statistics (a third of the cost) are the same labels and areas, for
+    both label types; the lung box is the bounding box of the lung fields' pixels."""
+    from covidct.engine.preprocess import _components, find_body_and_lungs
+
+    rng = np.random.default_rng(5)
+    for shape in [(128, 128), (96, 128), (400, 400)]:  # 400x400: 32-bit labels
+        for density in (0.05, 0.3, 0.6):
+            mask = (cv2.GaussianBlur(rng.random(shape).astype(np.float32), (5, 5), 0) < density * 0.9 + 0.05)
+            mask = mask.astype(np.uint8)
+            n, lab, areas = _components(mask)
+            ltype = cv2.CV_16U if mask.size < (1 << 17) else cv2.CV_32S
+            n2, lab2, stats, _ = cv2.connectedComponentsWithStatsWithAlgorithm(mask, 8, ltype, cv2.CCL_SPAGHETTI)
+            assert n == n2 and np.array_equal(lab, lab2)
+            assert np.array_equal(areas, stats[:, cv2.CC_STAT_AREA]), shape
+    for seed in range(6):
+        hu = phantom_hu(np.random.default_rng(seed), positive=bool(seed % 2))
+        small = cv2.resize(render(hu, -600, 1500), (128, 128), interpolation=cv2.INTER_AREA)
+        body, box, _, lungs = find_body_and_lungs(small)
+        assert box is not None and lungs is not None, seed
+        ys, xs = np.nonzero(lungs)
+        assert box == (ys.min(), ys.max() + 1, xs.min(), xs.max() + 1), seed
