@@ -171,6 +171,10 @@ def _padding(small: np.ndarray) -> np.ndarray:
     return ff[1:-1, 1:-1].astype(bool)
 
 
+#: Up to this many labels (the background's included), areas are counted label by label.
+_FEW_LABELS = 6
+
+
 def _components(mask: np.ndarray):
     """8-connected components of a 0/1 uint8 mask: (count, labels, areas). Spaghetti (OpenCV's fastest
     labelling, 2.5x the default's speed on a 128x128 working copy) with 16-bit labels where they fit; the
@@ -178,7 +182,11 @@ def _components(mask: np.ndarray):
     45 us on a 128x128 working copy against 12 us for the labels alone)."""
     if mask.size < (1 << 17):  # at most size / 4 components (8-connected): 16-bit labels
         n, lab = cv2.connectedComponentsWithAlgorithm(mask, 8, cv2.CV_16U, cv2.CCL_SPAGHETTI)
-        areas = cv2.calcHist([lab], [0], None, [n], [0, n]).ravel().astype(np.int64)  # exact below 2**24
+        if n <= _FEW_LABELS:  # a count a label (3 us each on 128x128) beats a histogram of 16-bit labels (19 us)
+            areas = np.array([mask.size - cv2.countNonZero(lab)]
+                             + [cv2.countNonZero(cv2.compare(lab, k, cv2.CMP_EQ)) for k in range(1, n)], np.int64)
+        else:
+            areas = cv2.calcHist([lab], [0], None, [n], [0, n]).ravel().astype(np.int64)  # exact below 2**24
     else:
         n, lab = cv2.connectedComponentsWithAlgorithm(mask, 8, cv2.CV_32S, cv2.CCL_SPAGHETTI)
         areas = np.bincount(lab.ravel(), minlength=n)

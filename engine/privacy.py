@@ -92,14 +92,22 @@ def identifying_values(ds) -> list[str]:
     budget = [MAX_ELEMENTS]
 
     def walk(d, depth: int) -> None:
+        # Only identifying elements and possible sequences need a look; the others only count against the
+        # budget, in the same order (a look per element cost about 1 us: 0.28 ms for a CT slice's 253).
+        deeper = depth < MAX_DEPTH
         try:
-            keys = list(d.keys())
+            elems = list(d.items())
+            look = [i for i, (tag, raw) in enumerate(elems)
+                    if tag in tags or (deeper and getattr(raw, "VR", None) in _SEQUENCE_OR_UNKNOWN)]
         except Exception:  # noqa: BLE001
             return
-        for tag in keys:
-            budget[0] -= 1
+        seen = 0
+        for i in look:
+            budget[0] -= i + 1 - seen
+            seen = i + 1
             if budget[0] < 0:
                 return
+            tag = elems[i][0]
             try:
                 raw = d.get_item(tag)
             except Exception:  # noqa: BLE001
@@ -122,9 +130,15 @@ def identifying_values(ds) -> list[str]:
                     continue
                 for item in seq:
                     walk(item, depth + 1)
+        budget[0] -= len(elems) - seen
 
     walk(ds, 0)
     return sorted(out, key=len, reverse=True)
+
+
+#: The VRs of an element, as the dataset holds it, that may be a sequence (:func:`_is_sequence` decides): SQ,
+#: or none said (implicit VR). A deferred element's VR is the one its header says, as when it is read.
+_SEQUENCE_OR_UNKNOWN = (None, "SQ")
 
 
 def _is_sequence(raw, tag) -> bool:

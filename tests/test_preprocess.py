@@ -190,6 +190,14 @@ def test_components_areas_and_the_lung_box_are_opencvs_statistics():
             n2, lab2, stats, _ = cv2.connectedComponentsWithStatsWithAlgorithm(mask, 8, ltype, cv2.CCL_SPAGHETTI)
             assert n == n2 and np.array_equal(lab, lab2)
             assert np.array_equal(areas, stats[:, cv2.CC_STAT_AREA]), shape
+    for blobs in range(8):  # few components (a working copy's usual case: counted label by label) and more
+        mask = np.zeros((128, 128), np.uint8)
+        for b in range(blobs):
+            cv2.circle(mask, (int(rng.integers(8, 120)), int(rng.integers(8, 120))), int(rng.integers(1, 9)), 1, -1)
+        n, lab, areas = _components(mask)
+        n2, lab2, stats, _ = cv2.connectedComponentsWithStatsWithAlgorithm(mask, 8, cv2.CV_16U, cv2.CCL_SPAGHETTI)
+        assert n == n2 and np.array_equal(lab, lab2) and np.array_equal(areas, stats[:, cv2.CC_STAT_AREA]), blobs
+        assert areas.dtype == np.int64
     for seed in range(6):
         hu = phantom_hu(np.random.default_rng(seed), positive=bool(seed % 2))
         small = cv2.resize(render(hu, -600, 1500), (128, 128), interpolation=cv2.INTER_AREA)

@@ -117,3 +117,32 @@ def test_an_800_kb_name_of_short_parts_costs_a_bounded_time_and_memory():
     grew_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
     assert shown == "/archive/[redacted]/[redacted]_x/[redacted].dcm", shown
     assert cpu < 3.0 and grew_mb < 100, (cpu, grew_mb)
+
+
+def test_the_element_budget_counts_every_element_in_reading_order(monkeypatch):
+    """The walk looks only at identifying elements and sequences, yet the budget still counts each element it
+    passes, depth first: with a budget of k elements, exactly the values among the first k are read."""
+    from covidct.engine import privacy
+
+    inner = Dataset()
+    inner.PatientID = "QX-INNER-77"
+    buf = io.BytesIO()
+    _ct(PatientName="Roe^Rita", OtherPatientIDsSequence=Sequence([inner])).save_as(buf, enforce_file_format=True)
+    ds = pydicom.dcmread(io.BytesIO(buf.getvalue()))
+    order = []  # (tag, depth) of each element in the walk's order
+
+    def visit(d, depth):
+        for elem in d:
+            order.append((elem.tag, depth))
+            if elem.VR == "SQ":
+                for item in elem.value:
+                    visit(item, depth + 1)
+    visit(ds, 0)
+    at = {"Roe^Rita": order.index((0x00100010, 0)) + 1, "QX-INNER-77": order.index((0x00100020, 1)) + 1}
+    assert at["Roe^Rita"] < order.index((0x00101002, 0)) + 1 < at["QX-INNER-77"]  # the name, the sequence, its ID
+    for budget in sorted({1, at["Roe^Rita"] - 1, at["Roe^Rita"], at["QX-INNER-77"] - 1, at["QX-INNER-77"],
+                          len(order)}):
+        monkeypatch.setattr(privacy, "MAX_ELEMENTS", budget)
+        got = identifying_values(pydicom.dcmread(io.BytesIO(buf.getvalue())))
+        for value, n in at.items():
+            assert any(value in g for g in got) == (n <= budget), (budget, value, n, got)
