@@ -308,6 +308,7 @@ def test_a_transient_error_is_retried_and_the_exit_code_tells_what_is_current(tm
     assert json.loads((out / "run.json").read_text())["current"] == {"ok": 2, "error": 1, "skipped": 0}
 
 
+@pytest.mark.slow  # a crash-consistency kill (SIGTERM midway)
 def test_sigterm_ends_a_run_like_ctrl_c_with_whole_parts(tmp_path):
     n = 600
     out, args = _slow_run(tmp_path, n)

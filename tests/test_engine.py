@@ -226,6 +226,7 @@ def _wait_for(cond, timeout=120.0):
     return False
 
 
+@pytest.mark.slow  # a crash-consistency kill: about half a minute on 2 cores
 def test_sigkill_midway_then_resume_loses_nothing_and_duplicates_nothing(tmp_path):
     root = _mk(tmp_path / "arch")
     n = 1500
@@ -257,6 +258,7 @@ def test_sigkill_midway_then_resume_loses_nothing_and_duplicates_nothing(tmp_pat
     assert (rows.set_index("path").probability.reindex(whole.index) == whole).all()
 
 
+@pytest.mark.slow  # a crash-consistency kill
 def test_predictor_actor_killed_midrun_loses_nothing(tmp_path):
     root = _mk(tmp_path / "arch")
     n = 1200
@@ -333,6 +335,7 @@ def test_local_runtime_requires_its_token(tmp_path):
         _stop(local)
 
 
+@pytest.mark.slow  # four local runtimes started and ended: about half a minute on 2 cores
 def test_the_engine_ends_its_local_runtime_faster_than_ray_shutdown_and_leaves_no_process():
     """Ray's own shutdown waits a second for the autoscaler monitor (which does not answer SIGTERM in that
     time), after the raylet and GCS; the engine ends that process at once. Both are timed here, one after the
