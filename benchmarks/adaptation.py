@@ -188,7 +188,7 @@ def markdown(r: dict) -> str:
 
 
 def main() -> None:
-    from benchmarks.compare import cpu_class, machine
+    from benchmarks.compare import machine, result_stem
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--source", type=Path, required=True, help="a covidct-train run (exported here if needed)")
@@ -207,8 +207,7 @@ def main() -> None:
     report["machine"] = machine()
     report["date"] = time.strftime("%Y-%m-%d")
     m = report["machine"]
-    tag = f"-{args.tag.lstrip('-')}" if args.tag else ""
-    stem = args.results / f"adaptation-{m['cores']}core-{cpu_class(m['cpu_flags'])}{tag}"
+    stem = result_stem(args.results, "adaptation", {**m, "gpu": None}, args.tag)  # named by the CPU it trained on
     stem.with_suffix(".json").write_text(json.dumps(report, indent=2))
     stem.with_suffix(".md").write_text(markdown(report))
     print(markdown(report))

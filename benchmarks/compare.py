@@ -209,6 +209,15 @@ def cpu_class(flags: list[str]) -> str:
     return "-".join([base, *extra])
 
 
+def result_stem(results: Path, prefix: str, m: dict, tag: str = "") -> Path:
+    """``results/<prefix>-<cores>core-<class>[-<tag>]``: a machine class's report. Two vendors can show the same
+    flags (an AMD EPYC and an Intel Xeon both list avx2 fma avx512f avx512_vnni avx_vnni avx512_bf16): ``tag``
+    keeps one's report beside the other's."""
+    cls = "gpu" if m.get("gpu") else cpu_class(m["cpu_flags"])
+    cores = f"{m['cores']}core-" if "cores" in m else ""
+    return results / f"{prefix}-{cores}{cls}{'-' + tag.lstrip('-') if tag else ''}"
+
+
 def machine() -> dict:
     import cv2
     import onnxruntime
@@ -533,11 +542,13 @@ def main() -> None:
                     help="only run the RSS scaling (--rss-n) and add it to this machine class's saved report")
     ap.add_argument("--only", nargs="*", default=None)
     ap.add_argument("--results", type=Path, default=RESULTS)
+    ap.add_argument("--tag", default="", help="suffix of the report's name, after a '-' (e.g. 'intel' where "
+                    "another vendor's CPU shows the same flags)")
     args = ap.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     if args.add_dicom or args.add_rss:
         m = machine()
-        stem = args.results / f"compare-{m['cores']}core-{'gpu' if m['gpu'] else cpu_class(m['cpu_flags'])}"
+        stem = result_stem(args.results, "compare", m, args.tag)
         report = json.loads(stem.with_suffix(".json").read_text())
         if args.add_dicom:
             model = make_model(args.work, make_archive(args.work / f"archive_{report['n']}", report["n"]), args.arch[0])
@@ -586,7 +597,7 @@ def main() -> None:
         report["targets"] = targets(report)
         args.results.mkdir(parents=True, exist_ok=True)
         m = report["machine"]
-        stem = args.results / f"compare-{m['cores']}core-{'gpu' if m['gpu'] else cpu_class(m['cpu_flags'])}"
+        stem = result_stem(args.results, "compare", m, args.tag)
         stem.with_suffix(".json").write_text(json.dumps(report, indent=2, default=str))
         stem.with_suffix(".md").write_text(markdown(report))
         print(markdown(report))

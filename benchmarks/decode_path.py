@@ -31,7 +31,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from benchmarks.compare import best_of, cpu_class
+from benchmarks.compare import best_of, result_stem
 from covidct.engine.contract import DEFAULT_INTERPOLATION, INTERPOLATIONS, LUNG_WINDOW
 from covidct.engine.decode import decode_grey_frames, decode_inputs, read_file, sniff
 from covidct.engine.preprocess import _shrink, default_spec, find_body_and_lungs, lung_crop
@@ -155,6 +155,7 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=40, help="files per set")
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--results", type=Path, default=RESULTS)
+    ap.add_argument("--tag", default="", help="suffix of the report's name (see benchmarks.compare --tag)")
     args = ap.parse_args()
     cv2.setNumThreads(1)  # one core, as each worker runs
 
@@ -165,7 +166,7 @@ def main() -> None:
                       f"--{k} {v}" for k, v in (("n", args.n), ("repeats", args.repeats))),
                   "sets": {name: measure_set(paths, repeats=args.repeats) for name, paths in sets(args.n, Path(tmp)).items()}}
     args.results.mkdir(parents=True, exist_ok=True)
-    stem = args.results / f"decode-path-{cpu_class(report['cpu_flags'])}"
+    stem = result_stem(args.results, "decode-path", {"cpu_flags": report["cpu_flags"]}, args.tag)
     stem.with_suffix(".json").write_text(json.dumps(report, indent=2, default=str))
     stem.with_suffix(".md").write_text(markdown(report))
     print(markdown(report))

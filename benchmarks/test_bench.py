@@ -223,3 +223,17 @@ def test_runtime_choice_is_never_slower_than_onnxruntime_fp32(benchmark, default
     benchmark.extra_info.update(ratio=round(ratio, 3))
     assert ratio >= 0.9, (choice.to_dict(), rate)
 
+
+
+def test_reports_of_two_vendors_with_the_same_flags_keep_apart(tmp_path):
+    """An AMD EPYC and an Intel Xeon of this project both list avx2 fma avx512f avx512_vnni avx_vnni avx512_bf16:
+    a report is named by the flags, and ``--tag`` keeps one vendor's beside the other's instead of over it."""
+    from benchmarks.compare import result_stem
+
+    flags = ["avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16"]
+    amd = result_stem(tmp_path, "compare", {"cores": 2, "gpu": None, "cpu_flags": flags})
+    intel = result_stem(tmp_path, "compare", {"cores": 2, "gpu": None, "cpu_flags": flags}, "intel")
+    assert amd.name == "compare-2core-avx512-vnni-bf16" and intel.name == "compare-2core-avx512-vnni-bf16-intel"
+    assert result_stem(tmp_path, "compare", {"cores": 2, "gpu": "H100", "cpu_flags": flags}).name == "compare-2core-gpu"
+    assert result_stem(tmp_path, "decode-path", {"cpu_flags": [*flags, "amx_int8"]}, "-x").name == \
+        "decode-path-avx512-vnni-bf16-amx-x"
