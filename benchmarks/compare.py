@@ -27,6 +27,7 @@ import csv
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import threading
@@ -273,24 +274,58 @@ def covidct_batch(archive: Path, model: Path, out: Path, extra=()) -> dict:
             "peak_rss_mb": r["peak_rss_mb"], "workers": run["workers"]}
 
 
-def dicom_runs(work: Path, n: int, model: Path) -> dict:
+def archive_runs(work: Path, archives: dict[str, Path], model: Path, tag: str) -> dict:
     """covidct-batch, the per-core loops and the plain loop at FP32 (and covidct-batch and the loops at INT8) over
-    ``n`` DICOM slices in each of DICOM_SYNTAXES, with the default architecture's model."""
+    each archive of ``archives`` (name -> folder), with the default architecture's model."""
     out = {}
     int8 = model.with_suffix(".int8.onnx")
-    for syntax in DICOM_SYNTAXES:
-        archive = make_dicom_archive(work / f"dicom_{syntax}_{n}", n, syntax)
-        rows = out[syntax] = []
+    for key, archive in archives.items():
+        rows = out[key] = []
         for name, precision in (("covidct-batch", "fp32"), ("per_core_loops", "fp32"), ("plain_loop", "fp32"),
                                 ("covidct-batch", "int8"), ("per_core_loops", "int8")):
-            print(f"[dicom {syntax}] running {name} {precision} ...", file=sys.stderr, flush=True)
+            print(f"[{tag} {key}] running {name} {precision} ...", file=sys.stderr, flush=True)
             if name == "covidct-batch":
-                rows.append(covidct_batch(archive, model, work / f"screen_dicom_{syntax}", ("--precision", precision)))
+                rows.append(covidct_batch(archive, model, work / f"screen_{tag}_{key}", ("--precision", precision)))
             else:
                 ours = next((r for r in rows if r["name"] == "covidct-batch" and r["precision"] == precision), {})
-                rows.append(contender(name, archive, int8 if precision == "int8" else model, work / "dicom", precision,
+                rows.append(contender(name, archive, int8 if precision == "int8" else model, work / tag, precision,
                                       ours.get("runtime") if name == "per_core_loops" else None))
     return out
+
+
+def dicom_runs(work: Path, n: int, model: Path) -> dict:
+    """:func:`archive_runs` over ``n`` DICOM slices in each of DICOM_SYNTAXES."""
+    return archive_runs(work, {syntax: make_dicom_archive(work / f"dicom_{syntax}_{n}", n, syntax)
+                               for syntax in DICOM_SYNTAXES}, model, "dicom")
+
+
+#: The labelled sets whose real slices the real-slice run screens (``../shared/data``).
+REAL_SETS = ("sarscov2-ct-subset", "ucsd-covid-ct")
+
+
+def make_real_archive(root: Path, n: int) -> Path:
+    """``n`` real CT slices: every PNG/JPEG of ``REAL_SETS`` in ``../shared/data``, copied (cycled to reach ``n``,
+    each copy its own file) into ``root``, a folder of this machine's work area (never the project)."""
+    marker = root / f".complete-{n}"
+    if marker.exists():
+        return root
+    sources = sorted(p for name in REAL_SETS for p in (SHARED / name).rglob("*")
+                     if p.suffix.lower() in (".png", ".jpg", ".jpeg"))
+    if not sources:
+        raise FileNotFoundError(f"no PNG or JPEG slices under {SHARED}: the real-slice run needs them")
+    for i in range(n):
+        src = sources[i % len(sources)]
+        d = root / f"copy{i // len(sources)}"
+        d.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(src, d / f"slice_{i:07d}{src.suffix.lower()}")
+    marker.write_text("")
+    return root
+
+
+def real_runs(work: Path, n: int, model: Path) -> dict:
+    """:func:`archive_runs` over ``n`` real PNG slices of the two labelled sets (their file sizes, framings and
+    decoders as they come: PNG decoding costs about twice a synthetic JPEG's)."""
+    return archive_runs(work, {"png": make_real_archive(work / f"real_{n}", n)}, model, "real")
 
 
 def rss_scaling(work: Path, small: int, large: int) -> dict:
@@ -361,6 +396,16 @@ def agreement_check(run_dir: Path | None, other_site: Path = SHARED / "ucsd-covi
     return out
 
 
+def archive_sections(report: dict) -> list[tuple[str, str, list]]:
+    """(label, what the slices are, rows) of the report's runs over other archives than the CT-like JPEG one:
+    DICOM by syntax, the real slices of ``../shared/data``."""
+    out = [(f"DICOM {syntax}", "512x512 int16 CT slices from the TCIA files, varied", rows)
+           for syntax, rows in (report.get("dicom") or {}).items()]
+    out += [(f"real {kind.upper()} slices", "the two labelled sets' own files, cycled", rows)
+            for kind, rows in (report.get("real") or {}).items()]
+    return out
+
+
 def markdown(report: dict) -> str:
     m = report["machine"]
     lines = [f"# covidct-batch throughput, {report['n']} grey 512x512 JPEG slices", "",
@@ -384,9 +429,9 @@ def markdown(report: dict) -> str:
         b = next(r for r in rows if r["name"] == "covidct-batch" and r["precision"] == "fp32")
         lines += ["", "covidct-batch stages (ms per image, p50/p95/p99): " + "; ".join(
             f"{k} {v['p50']}/{v['p95']}/{v['p99']}" for k, v in b["stages_ms"].items()), ""]
-    for syntax, rows in (report.get("dicom") or {}).items():
-        lines += [f"## DICOM, {syntax} ({rows[0]['images']} 512x512 int16 CT slices from the TCIA files, varied; "
-                  f"architecture `{report['by_arch'] and list(report['by_arch'])[0]}`)", "",
+    arch0 = report["by_arch"] and list(report["by_arch"])[0]
+    for label, what, rows in archive_sections(report):
+        lines += [f"## {label} ({rows[0]['images']} {what}; architecture `{arch0}`)", "",
                   "| contender | precision | runtime | steady images/s | end-to-end images/s | peak RSS MB |",
                   "|---|---|---|---|---|---|"]
         for r in rows:
@@ -493,17 +538,18 @@ def targets(report: dict) -> list[dict]:
             add(f"[{arch}] peak RSS (all processes, Ray's included) <= 3 x the plain loop's", v, v <= 3.0)
         add(f"[{arch}] first row on disk <= 1.5 s after the Ray runtime is up", b["startup_s"],
             b["startup_s"] is not None and b["startup_s"] <= 1.5)
-    for syntax, rows in (report.get("dicom") or {}).items():
+    for label, _, rows in archive_sections(report):
+        compressed = label.startswith("DICOM") and label != "DICOM uncompressed"
         for precision in ("fp32", "int8"):
             ours = next((r for r in rows if r["name"] == "covidct-batch" and r["precision"] == precision), None)
             loops = next((r for r in rows if r["name"] == "per_core_loops" and r["precision"] == precision), None)
             if ours and loops:
                 v = ours["images_per_s"] / loops["images_per_s"]
-                add(f"[DICOM {syntax}] steady >= 0.90 x the per-core loops at {precision.upper()}", v,
-                    v >= 0.90 if syntax == "uncompressed" else f"reported ({v:.2f}): compressed, as measured")
+                add(f"[{label}] steady >= 0.90 x the per-core loops at {precision.upper()}", v,
+                    f"reported ({v:.2f}): compressed, as measured" if compressed else v >= 0.90)
                 v = ours["end_to_end_images_per_s"] / loops["end_to_end_images_per_s"]
-                add(f"[DICOM {syntax}] end to end >= 0.85 x the per-core loops at {precision.upper()}", v,
-                    v >= 0.85 if syntax == "uncompressed" else f"reported ({v:.2f}): compressed, as measured")
+                add(f"[{label}] end to end >= 0.85 x the per-core loops at {precision.upper()}", v,
+                    f"reported ({v:.2f}): compressed, as measured" if compressed else v >= 0.85)
     if report.get("rss"):
         r = report["rss"]
         add("peak RSS at 50,000 <= 1.2 x at 5,000 images", r["ratio"], r["ratio"] <= 1.2)
@@ -538,6 +584,10 @@ def main() -> None:
                     help="also screen N DICOM slices (uncompressed and JPEG 2000) with the default architecture")
     ap.add_argument("--add-dicom", type=int, default=0, metavar="N",
                     help="only run the DICOM part on N slices and add it to this machine class's saved report")
+    ap.add_argument("--real", type=int, default=0, metavar="N",
+                    help="also screen N real slices of ../shared/data's labelled sets with the default architecture")
+    ap.add_argument("--add-real", type=int, default=0, metavar="N",
+                    help="only run the real-slice part on N slices and add it to this machine class's saved report")
     ap.add_argument("--add-rss", action="store_true",
                     help="only run the RSS scaling (--rss-n) and add it to this machine class's saved report")
     ap.add_argument("--only", nargs="*", default=None)
@@ -546,14 +596,17 @@ def main() -> None:
                     "another vendor's CPU shows the same flags)")
     args = ap.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
-    if args.add_dicom or args.add_rss:
+    if args.add_dicom or args.add_real or args.add_rss:
         m = machine()
         stem = result_stem(args.results, "compare", m, args.tag)
         report = json.loads(stem.with_suffix(".json").read_text())
-        if args.add_dicom:
-            model = make_model(args.work, make_archive(args.work / f"archive_{report['n']}", report["n"]), args.arch[0])
-            report["dicom"] = dicom_runs(args.work, args.add_dicom, model)
-            report["command"] += f"; then python -m benchmarks.compare --add-dicom {args.add_dicom}"
+        for n, key, runs in ((args.add_dicom, "dicom", dicom_runs), (args.add_real, "real", real_runs)):
+            if n:
+                model = make_model(args.work, make_archive(args.work / f"archive_{report['n']}", report["n"]),
+                                   args.arch[0])
+                report[key] = runs(args.work, n, model)
+                report["command"] += f"; then python -m benchmarks.compare --add-{key} {n}" + (
+                    f" --tag {args.tag}" if args.tag else "")
         if args.add_rss:
             report["rss"] = rss_scaling(args.work, *args.rss_n)
             report["command"] += f"; then python -m benchmarks.compare --add-rss --rss-n {' '.join(map(str, args.rss_n))}"
@@ -590,6 +643,8 @@ def main() -> None:
                   "end to end", file=sys.stderr, flush=True)
     if args.dicom:
         report["dicom"] = dicom_runs(args.work, args.dicom, make_model(args.work, archive, args.arch[0]))
+    if args.real:
+        report["real"] = real_runs(args.work, args.real, make_model(args.work, archive, args.arch[0]))
     if not args.skip_rss:
         report["rss"] = rss_scaling(args.work, *args.rss_n)
     report["agreement"] = agreement_check(args.agreement_run)

@@ -23,8 +23,9 @@ from covidct.engine.decode import decode_file
 
 
 def list_images(archive: Path) -> list[str]:
-    """The archive's slices: JPEG (the synthetic archives) or DICOM (``benchmarks.compare.make_dicom_archive``)."""
-    return sorted(str(p) for p in Path(archive).rglob("*") if p.suffix in (".jpg", ".dcm"))
+    """The archive's slices: JPEG (the synthetic archives), DICOM (``benchmarks.compare.make_dicom_archive``) or
+    real PNG/JPEG slices (``benchmarks.compare.make_real_archive``)."""
+    return sorted(str(p) for p in Path(archive).rglob("*") if p.suffix in (".jpg", ".dcm", ".png", ".jpeg"))
 
 
 def _session(model: str, threads: int):

@@ -237,3 +237,19 @@ def test_reports_of_two_vendors_with_the_same_flags_keep_apart(tmp_path):
     assert result_stem(tmp_path, "compare", {"cores": 2, "gpu": "H100", "cpu_flags": flags}).name == "compare-2core-gpu"
     assert result_stem(tmp_path, "decode-path", {"cpu_flags": [*flags, "amx_int8"]}, "-x").name == \
         "decode-path-avx512-vnni-bf16-amx-x"
+
+
+def test_the_real_slice_archive_holds_the_shared_sets_own_files(tmp_path):
+    """``compare --real N``: N files copied from the labelled sets' own slices, each its own file, found by the
+    contenders' listing (PNG included) as by covidct-batch."""
+    from benchmarks.compare import REAL_SETS, SHARED, make_real_archive
+    from benchmarks.contenders import list_images
+
+    sources = sorted(p for name in REAL_SETS for p in (SHARED / name).rglob("*.png"))
+    if not sources:
+        pytest.skip(f"no real slices in {SHARED} (the shared data is absent)")
+    root = make_real_archive(tmp_path / "real", 5)
+    files = list_images(root)
+    assert len(files) == 5 and len(set(files)) == 5
+    assert Path(files[0]).read_bytes() == sources[0].read_bytes()
+    assert make_real_archive(tmp_path / "real", 5) == root and len(list_images(root)) == 5  # made once
