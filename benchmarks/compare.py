@@ -153,6 +153,7 @@ def made_marker(root: Path, n: int) -> Path:
     """The file that says ``root`` holds its ``n`` slices: beside the archive, never in it (inside, covidct-batch
     screened it too, one ``not_an_image`` row more than the contenders: 20,001 rows, 2,001 DICOM until 2026-12-07)."""
     root.parent.mkdir(parents=True, exist_ok=True)
+    (root / f".complete-{n}").unlink(missing_ok=True)  # where a run before 2026-12-07 left it
     return root.parent / f".{root.name}.complete-{n}"
 
 
