@@ -1,8 +1,10 @@
 """Ray processes for tests, each in its own interpreter so its RAY_AUTH_* environment is its own.
 
-    python -m tests.raynode local      # the engine's local runtime; prints ADDRESS, waits for stdin, then
-                                       # ray.shutdown(): prints SHUTDOWN_S seconds and MONITOR_RC code
+    python -m tests.raynode local      # the engine's local runtime; prints ADDRESS and SERVICES (the head
+                                       # services of Ray's that run), waits for stdin, then ray.shutdown():
+                                       # prints SHUTDOWN_S seconds and MONITOR_RC codes
     python -m tests.raynode local-engine-shutdown   # the same, ended by the engine's shutdown_ray()
+    python -m tests.raynode ray-default   # the same with Ray's own defaults (ray.init, ray.shutdown)
     python -m tests.raynode cluster    # a two-node ray.cluster_utils.Cluster; prints ADDRESS, waits
     python -m tests.raynode client ADDRESS   # joins ADDRESS; prints NODES n, exits 0, or exits 3
 """
@@ -10,18 +12,44 @@
 import sys
 
 
+#: Ray's head services by the script each runs as (engine.cluster.LEAN_SKIPS: a local run does without them).
+SCRIPTS = {"monitor.py": "autoscaler-monitor", "log_monitor.py": "log-monitor", "dashboard.py": "api-server"}
+
+
+def head_services() -> set[str]:
+    """Which of SCRIPTS run among this process's descendants."""
+    import os
+    from pathlib import Path
+
+    from covidct.engine.reaper import descendants
+
+    found = set()
+    for pid in descendants(os.getpid()):
+        try:
+            argv = (Path("/proc") / str(pid) / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        names = {a.rsplit(b"/", 1)[-1].decode(errors="replace") for a in argv}
+        found |= {name for script, name in SCRIPTS.items() if script in names}
+    return found
+
+
 def main() -> int:
     import ray
 
     mode = sys.argv[1]
-    if mode in ("local", "local-engine-shutdown"):
+    if mode in ("local", "local-engine-shutdown", "ray-default"):
         import time
 
         from covidct.engine.cluster import local_monitor_processes
         from covidct.engine.pipeline import ScreenConfig, shutdown_ray, start_ray
-        start_ray(ScreenConfig(inputs=(".",), model="unused", out="unused", num_cpus=1))
+        if mode == "ray-default":
+            ray.init(address="local", num_cpus=1, include_dashboard=False)
+        else:
+            start_ray(ScreenConfig(inputs=(".",), model="unused", out="unused", num_cpus=1))
         monitors = local_monitor_processes()
         print("ADDRESS", ray.get_runtime_context().gcs_address, flush=True)
+        print("SERVICES", *sorted(head_services()), flush=True)
         sys.stdin.read()
         t = time.perf_counter()
         shutdown_ray() if mode == "local-engine-shutdown" else ray.shutdown()

@@ -336,27 +336,32 @@ def test_local_runtime_requires_its_token(tmp_path):
 
 
 @pytest.mark.slow  # four local runtimes started and ended: about half a minute on 2 cores
-def test_the_engine_ends_its_local_runtime_faster_than_ray_shutdown_and_leaves_no_process():
-    """Ray's own shutdown waits a second for the autoscaler monitor (which does not answer SIGTERM in that
-    time), after the raylet and GCS; the engine ends that process at once. Both are timed here, one after the
-    other, on the same machine, twice each (the faster of two: on a loaded 2-core machine the GCS itself
-    sometimes takes a second to stop, in either path)."""
+def test_the_engines_local_runtime_is_leaner_and_ends_faster_than_rays_defaults_and_leaves_no_process():
+    """The engine's local runtime starts without Ray's autoscaler monitor, log monitor and API server
+    (``engine.cluster.LEAN_SKIPS``), which Ray's defaults start; Ray's own shutdown also waits a second for the
+    monitor, which does not answer SIGTERM in that time. Both are run here, one after the other, on the same
+    machine, twice each (the faster of two: on a loaded 2-core machine the GCS itself sometimes takes a second to
+    stop, in either path), and neither leaves a process behind."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")}
-    seconds, codes = {}, {}
-    for mode in ("local", "local-engine-shutdown") * 2:
+    seconds, codes, services = {}, {}, {}
+    for mode in ("ray-default", "local-engine-shutdown") * 2:
         p, _ = _helper(mode, env)
         try:
             out, _ = p.communicate(input="", timeout=120)
             assert _wait_for(lambda: not _session_pids(p.pid), timeout=30), _session_pids(p.pid)
         finally:
             _kill_session(p.pid)
-        words = out.split()
-        seconds[mode] = min(seconds.get(mode, float("inf")), float(words[words.index("SHUTDOWN_S") + 1]))
+        lines = {line.split()[0]: line.split()[1:] for line in out.splitlines() if line.strip()}
+        words = lines["SHUTDOWN_S"]
+        seconds[mode] = min(seconds.get(mode, float("inf")), float(words[0]))
         rc = words[words.index("MONITOR_RC") + 1:]
         assert codes.setdefault(mode, rc) == rc, (mode, rc, codes)
-    # Ray's own path ends the monitor with SIGKILL too, after a second's grace: the time tells them apart
-    assert codes == {m: [str(-signal.SIGKILL)] for m in codes}, codes
-    assert seconds["local-engine-shutdown"] < 0.7 * seconds["local"], seconds
+        assert services.setdefault(mode, lines["SERVICES"]) == lines["SERVICES"], (mode, lines, services)
+    assert services == {"ray-default": ["api-server", "autoscaler-monitor", "log-monitor"],
+                        "local-engine-shutdown": []}, services
+    # Ray's own path ends its monitor with SIGKILL, after a second's grace; the engine's has none to end
+    assert codes == {"ray-default": [str(-signal.SIGKILL)], "local-engine-shutdown": []}, codes
+    assert seconds["local-engine-shutdown"] < 0.7 * seconds["ray-default"], seconds
 
 
 @pytest.mark.slow  # starts a head and a second node: about half a minute on 2 cores
@@ -438,3 +443,25 @@ def test_a_cluster_without_authentication_is_refused_unless_allowed(tmp_path, ar
         assert sorted(read_rows(tmp_path / "o").path) == sorted(expected)
     finally:
         _stop(cluster)
+
+
+def test_the_lean_runtime_switches_are_put_back_after_ray_starts_or_fails():
+    """``_lean_local_runtime`` changes Ray's RayParams and Node only while ray.init runs: a cluster a test or a
+    later run starts itself gets Ray's defaults."""
+    from ray._private import node as ray_node
+    from ray._private import parameter
+
+    from covidct.engine.cluster import _lean_local_runtime
+
+    before = parameter.RayParams.__init__, ray_node.Node.start_api_server
+    with pytest.raises(RuntimeError):
+        with _lean_local_runtime(log_monitor=False):
+            params = parameter.RayParams(num_cpus=1)
+            assert (params.no_monitor, params.include_log_monitor) == (True, False)
+            assert ray_node.Node.start_api_server(None, include_dashboard=False, raise_on_failure=False) is None
+            raise RuntimeError("ray.init failed")
+    assert (parameter.RayParams.__init__, ray_node.Node.start_api_server) == before
+    with _lean_local_runtime(log_monitor=True):
+        assert parameter.RayParams(num_cpus=1).include_log_monitor is True
+    params = parameter.RayParams(num_cpus=1)
+    assert not params.no_monitor and params.include_log_monitor is None
