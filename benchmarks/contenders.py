@@ -20,6 +20,7 @@ import numpy as np
 
 from covidct.engine.contract import read_contract
 from covidct.engine.decode import decode_file
+from covidct.engine.cluster import DEFAULT_BATCH_SIZE  # no more than the stdlib: the loops' RSS is their own
 
 
 def list_images(archive: Path) -> list[str]:
@@ -73,7 +74,7 @@ def ceiling(args) -> dict:
 
 
 def plain_loop(args) -> dict:
-    """One process: cv2 decode+resize, then the model in batches of 32 (ONNX Runtime unless ``--runtime``);
+    """One process: cv2 decode+resize, then the model in batches of ``--batch-size`` (ONNX Runtime unless ``--runtime``);
     ``--shard K/N`` takes every N-th file from the K-th."""
     from covidct.engine.runtimes import load
 
@@ -96,9 +97,9 @@ def plain_loop(args) -> dict:
     t = time.perf_counter()
     startup = t - t_start
     lat, dec = [], []
-    for i in range(0, len(paths), 32):
+    for i in range(0, len(paths), args.batch_size):
         t0 = time.perf_counter()
-        x = np.stack([decode_file(p, **kwargs) for p in paths[i:i + 32]])[..., None]
+        x = np.stack([decode_file(p, **kwargs) for p in paths[i:i + args.batch_size]])[..., None]
         t1 = time.perf_counter()
         run(x)
         t2 = time.perf_counter()
@@ -117,7 +118,8 @@ def per_core_loops(args) -> dict:
     n = os.cpu_count()
     procs = [subprocess.Popen([sys.executable, "-m", "benchmarks.contenders", "plain_loop", "--archive", args.archive,
                                "--model", args.model, "--out", args.out, "--precision", args.precision,
-                               "--runtime", args.runtime, "--threads", "1", "--shard", f"{k}/{n}"],
+                               "--runtime", args.runtime, "--threads", "1", "--shard", f"{k}/{n}",
+                               "--batch-size", str(args.batch_size)],
                               stdout=subprocess.PIPE, text=True) for k in range(n)]
     results = []
     for p in procs:
@@ -231,6 +233,8 @@ def main() -> None:
     ap.add_argument("--runtime", default="onnxruntime", help="plain_loop and per_core_loops: onnxruntime or openvino")
     ap.add_argument("--threads", type=int, default=None, help="plain_loop: inference threads (default: all cores)")
     ap.add_argument("--shard", default="0/1", help="plain_loop: K/N, every N-th file from the K-th")
+    ap.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE,
+                    help="plain_loop and per_core_loops: images per batch (covidct-batch's default)")
     args = ap.parse_args()
     result = CONTENDERS[args.name](args)
     print("RESULT " + json.dumps(result), flush=True)

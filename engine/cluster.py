@@ -24,6 +24,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("covidct.engine.pipeline")
 
+#: Images per batch a predictor decodes and infers (--batch-size).
+DEFAULT_BATCH_SIZE = 32
+
 
 def check_auth_mode(cfg: ScreenConfig) -> None:
     """Ray >= 2.59 turns token authentication on for local runtimes (it generates a token in

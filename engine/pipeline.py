@@ -22,7 +22,8 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from .cluster import check_auth_mode, cpu_predictors, plan_workers, shutdown_ray, start_ray  # noqa: F401
+from .cluster import (DEFAULT_BATCH_SIZE, check_auth_mode, cpu_predictors, plan_workers, shutdown_ray,  # noqa: F401
+                      start_ray)
 from .contract import Contract, ContractError, read_contract, sha256_file
 from .decode import MAX_PIXELS
 from .driver import Driver, RayPool, RunContext, RunSummary
@@ -50,7 +51,7 @@ class ScreenConfig:
     model: Path
     out: Path
     from_list: Path | None = None
-    batch_size: int = 32
+    batch_size: int = DEFAULT_BATCH_SIZE
     num_cpus: int | None = None          # local runtime only; default: all cores
     predictors: int | None = None        # default: one per CPU (at most 16 a node); with GPUs, one per GPU
     inference_threads: int | None = None  # per predictor; default: the node's CPUs / its predictors (GPU: 2)
@@ -79,7 +80,7 @@ class ScreenConfig:
         if not self.inputs and self.from_list is None:
             raise RunError("nothing to screen: give INPUT folders/files or --from-list FILE")
         if self.batch_size < 1:
-            raise RunError(f"--batch-size must be >= 1, e.g. 32; got {self.batch_size}")
+            raise RunError(f"--batch-size must be >= 1, e.g. {DEFAULT_BATCH_SIZE}; got {self.batch_size}")
         from .runtimes import DEVICES, PRECISIONS, RUNTIME_CHOICES, THUMBNAILS
         if self.device not in DEVICES:
             raise RunError(f"--device must be one of {', '.join(DEVICES)}; got {self.device!r}")
