@@ -224,7 +224,6 @@ def test_runtime_choice_is_never_slower_than_onnxruntime_fp32(benchmark, default
     assert ratio >= 0.9, (choice.to_dict(), rate)
 
 
-
 def test_reports_of_two_vendors_with_the_same_flags_keep_apart(tmp_path):
     """An AMD EPYC and an Intel Xeon of this project both list avx2 fma avx512f avx512_vnni avx_vnni avx512_bf16:
     a report is named by the flags, and ``--tag`` keeps one vendor's beside the other's instead of over it."""
