@@ -18,9 +18,9 @@ from pathlib import Path
 
 import numpy as np
 
+from covidct.engine.cluster import DEFAULT_BATCH_SIZE  # no more than the stdlib: the loops' RSS is their own
 from covidct.engine.contract import read_contract
 from covidct.engine.decode import decode_file
-from covidct.engine.cluster import DEFAULT_BATCH_SIZE  # no more than the stdlib: the loops' RSS is their own
 
 
 def list_images(archive: Path) -> list[str]:

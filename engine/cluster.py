@@ -130,9 +130,6 @@ def _init_ray(cfg: ScreenConfig, kwargs: dict) -> None:
 #: The watcher that ends this driver's local Ray runtime when the driver is gone (engine.reaper).
 _REAPER = None
 
-#: Ray's head-node services a local screening runtime does without (see ``_lean_local_runtime``).
-LEAN_SKIPS = ("autoscaler monitor", "log monitor", "API server")
-
 
 @contextlib.contextmanager
 def _lean_local_runtime(log_monitor: bool):

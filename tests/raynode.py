@@ -12,7 +12,7 @@
 import sys
 
 
-#: Ray's head services by the script each runs as (engine.cluster.LEAN_SKIPS: a local run does without them).
+#: Ray's head services by the script each runs as (a local run does without them: engine.cluster._lean_local_runtime).
 SCRIPTS = {"monitor.py": "autoscaler-monitor", "log_monitor.py": "log-monitor", "dashboard.py": "api-server"}
 
 

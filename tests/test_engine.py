@@ -338,7 +338,7 @@ def test_local_runtime_requires_its_token(tmp_path):
 @pytest.mark.slow  # four local runtimes started and ended: about half a minute on 2 cores
 def test_the_engines_local_runtime_is_leaner_and_ends_faster_than_rays_defaults_and_leaves_no_process():
     """The engine's local runtime starts without Ray's autoscaler monitor, log monitor and API server
-    (``engine.cluster.LEAN_SKIPS``), which Ray's defaults start; Ray's own shutdown also waits a second for the
+    (``engine.cluster._lean_local_runtime``), which Ray's defaults start; Ray's own shutdown also waits a second for the
     monitor, which does not answer SIGTERM in that time. Both are run here, one after the other, on the same
     machine, twice each (the faster of two: on a loaded 2-core machine the GCS itself sometimes takes a second to
     stop, in either path), and neither leaves a process behind."""
