@@ -311,14 +311,19 @@ def dicom_runs(work: Path, n: int, model: Path) -> dict:
 REAL_SETS = ("sarscov2-ct-subset", "ucsd-covid-ct")
 
 
+def real_sources() -> list[Path]:
+    """Every PNG/JPEG slice of ``REAL_SETS`` in ``../shared/data``, in a fixed order (empty when it is absent)."""
+    return sorted(p for name in REAL_SETS for p in (SHARED / name).rglob("*")
+                  if p.suffix.lower() in (".png", ".jpg", ".jpeg"))
+
+
 def make_real_archive(root: Path, n: int) -> Path:
-    """``n`` real CT slices: every PNG/JPEG of ``REAL_SETS`` in ``../shared/data``, copied (cycled to reach ``n``,
-    each copy its own file) into ``root``, a folder of this machine's work area (never the project)."""
+    """``n`` real CT slices: :func:`real_sources` copied (cycled to reach ``n``, each copy its own file) into
+    ``root``, a folder of this machine's work area (never the project)."""
     marker = made_marker(root, n)
     if marker.exists():
         return root
-    sources = sorted(p for name in REAL_SETS for p in (SHARED / name).rglob("*")
-                     if p.suffix.lower() in (".png", ".jpg", ".jpeg"))
+    sources = real_sources()
     if not sources:
         raise FileNotFoundError(f"no PNG or JPEG slices under {SHARED}: the real-slice run needs them")
     for i in range(n):

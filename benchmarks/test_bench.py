@@ -241,10 +241,10 @@ def test_reports_of_two_vendors_with_the_same_flags_keep_apart(tmp_path):
 def test_the_real_slice_archive_holds_the_shared_sets_own_files(tmp_path):
     """``compare --real N``: N files copied from the labelled sets' own slices, each its own file, found by the
     contenders' listing (PNG included) as by covidct-batch."""
-    from benchmarks.compare import REAL_SETS, SHARED, make_real_archive
+    from benchmarks.compare import SHARED, make_real_archive, real_sources
     from benchmarks.contenders import list_images
 
-    sources = sorted(p for name in REAL_SETS for p in (SHARED / name).rglob("*.png"))
+    sources = real_sources()
     if not sources:
         pytest.skip(f"no real slices in {SHARED} (the shared data is absent)")
     root = make_real_archive(tmp_path / "real", 5)
