@@ -54,6 +54,18 @@ def best_of(fn, repeats: int = 30) -> float:
     return best
 
 
+def best_of_paired(fns: dict, repeats: int = 30) -> dict:
+    """Seconds of the fastest of ``repeats`` calls of each function, the calls taken in turn, so that a
+    busy moment of a shared machine falls on all of them rather than on one side of a ratio."""
+    best = dict.fromkeys(fns, float("inf"))
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            t = time.perf_counter()
+            fn()
+            best[name] = min(best[name], time.perf_counter() - t)
+    return best
+
+
 def session_pids(sid: int) -> list[int]:
     """Processes whose session id is ``sid`` (field 6 of /proc/PID/stat): a run and all it started."""
     pids = []

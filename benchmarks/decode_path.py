@@ -31,7 +31,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from benchmarks.compare import best_of, result_stem
+from benchmarks.compare import best_of, best_of_paired, result_stem
 from covidct.engine.contract import DEFAULT_INTERPOLATION, INTERPOLATIONS, LUNG_WINDOW
 from covidct.engine.decode import decode_grey_frames, decode_inputs, read_file, sniff
 from covidct.engine.preprocess import _shrink, default_spec, find_body_and_lungs, lung_crop
@@ -49,15 +49,8 @@ def _best(fn, repeats: int) -> float:
 
 
 def _best_paired(fns: dict, repeats: int) -> dict:
-    """Milliseconds of the fastest of ``repeats`` calls of each function, the calls taken in turn, so that a
-    busy moment of a shared machine falls on all of them rather than on one side of a ratio."""
-    best = dict.fromkeys(fns, float("inf"))
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            t = time.perf_counter()
-            fn()
-            best[name] = min(best[name], time.perf_counter() - t)
-    return {name: v * 1e3 for name, v in best.items()}
+    """Milliseconds of the fastest of ``repeats`` calls of each function, taken in turn (``best_of_paired``)."""
+    return {name: v * 1e3 for name, v in best_of_paired(fns, repeats).items()}
 
 
 def decoder_alone(data: bytes):

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from covidct.engine.decode import decode_and_resize, decode_file
-from benchmarks.compare import best_of
+from benchmarks.compare import best_of, best_of_paired
 from covidct.export.tiny import tiny_model
 
 SIZE = (256, 256)
@@ -35,10 +35,15 @@ def test_decode_resize(benchmark, jpeg512):
     benchmark.extra_info.update(image_size=list(SIZE), source="512x512 JPEG", interpolation="area")
     out = benchmark(decode_and_resize, jpeg512, SIZE, "area")
     assert out.shape == SIZE
-    # our checks (format sniffing, header size, end marker) cost little beside OpenCV's own work
-    raw = best_of(lambda: cv2.resize(cv2.imdecode(np.frombuffer(jpeg512, np.uint8), cv2.IMREAD_GRAYSCALE), SIZE,
-                                   interpolation=cv2.INTER_AREA))
-    ours = best_of(lambda: decode_and_resize(jpeg512, SIZE, "area"))  # the same resize as raw's
+    # our checks (format sniffing, header size, end marker) cost little beside OpenCV's own work; the two
+    # are timed in turn (a clean-clone CI run timed them one after the other and caught a busy moment on
+    # one side only: 1.03 against 0.56 ms, where this machine measures 1.05x)
+    buf = np.frombuffer(jpeg512, np.uint8)
+    t = best_of_paired({
+        "raw": lambda: cv2.resize(cv2.imdecode(buf, cv2.IMREAD_GRAYSCALE), SIZE, interpolation=cv2.INTER_AREA),
+        "ours": lambda: decode_and_resize(jpeg512, SIZE, "area"),  # the same resize as raw's
+    }, 60)
+    raw, ours = t["raw"], t["ours"]
     assert ours <= 1.5 * raw, (ours, raw)
 
 
