@@ -108,6 +108,37 @@ def test_windowing_by_table_equals_the_float_definition_to_the_bit(dtype):
                           stored_to_grey(stored, 1.0, -1024.0, -600.0, 1500.0))
 
 
+@pytest.mark.parametrize("dtype", [np.int16, np.uint16])
+def test_windowing_by_opencv_equals_the_float_definition_on_every_16_bit_value(dtype):
+    """16-bit slices are windowed by OpenCV's scale where ``_window_ramp`` found it equal to the table on all
+    65,536 values (its float32 rounding differs at a few exact halves, set afterwards): 300 random headers
+    and windows, inverted or not, with padding inside and outside the window, against the definition on
+    every value. The common CT header (slope 1, intercept -1024, padding -2000) takes that path."""
+    from covidct.engine.dicom import _window_ramp, hounsfield, stored_to_grey, window_to_grey
+
+    info = np.iinfo(dtype)
+    every = np.arange(1 << 16, dtype=np.uint16).view(dtype).reshape(256, 256)
+    rng = np.random.default_rng(7)
+    ramps = fixed = 0
+    for _ in range(150):
+        slope = float(rng.choice([1.0, 0.5, 2.0, rng.uniform(0.1, 3.0)]))
+        intercept = float(rng.choice([-1024.0, 0.0, -3000.0, rng.uniform(-3000.0, 100.0)]))
+        level = float(rng.choice([-600.0, 40.0, rng.uniform(-1200.0, 400.0)]))
+        width = float(rng.choice([1500.0, 400.0, 1.0, rng.uniform(1.0, 4000.0)]))
+        invert = bool(rng.integers(2))
+        pad = None if rng.integers(2) else tuple(sorted(int(v) for v in rng.integers(info.min, info.max, 2)))
+        padding = None if pad is None else (every >= pad[0]) & (every <= pad[1])
+        ref = window_to_grey(hounsfield(every, slope, intercept), level, width, invert, padding)
+        case = (slope, intercept, level, width, invert, pad)
+        assert np.array_equal(stored_to_grey(every, *case), ref), case
+        ramp = _window_ramp(np.dtype(dtype).str, *case)
+        ramps += ramp is not None
+        fixed += bool(ramp and ramp[-1])
+    assert ramps >= 50 and fixed >= 5, (ramps, fixed)  # both forms were exercised
+    if dtype == np.int16:
+        assert _window_ramp("<i2", 1.0, -1024.0, -600.0, 1500.0, False, (-2000, -2000)) is not None
+
+
 def test_native_pixels_read_directly_equal_pydicoms_pixel_array_to_the_bit():
     """The engine reads native little-endian pixel data itself (no decoder set-up): on every native test
     file pydicom ships, and on variants with unused high bits set (to be masked, or sign-extended), the
