@@ -72,22 +72,27 @@ def decoder_alone(data: bytes):
     return lambda: cv2.imdecode(buf, flag)
 
 
-def measure_file(path: Path, size=(256, 256), spec=None, repeats: int = 20) -> dict:
-    """Milliseconds of each stage (best of ``repeats``) for one file, and ``ratio`` = whole / imdecode."""
+def measure_file(path: Path, size=(256, 256), spec=None, repeats: int = 20, reduced_jpeg: bool = False) -> dict:
+    """Milliseconds of each stage (best of ``repeats``) for one file, and ``ratio`` = whole / imdecode.
+
+    ``reduced_jpeg``: the engine decodes a JPEG at half scale in libjpeg's DCT (``--fast-jpeg``; not the
+    contract's exact path); the decoder alone stays the full decode, as the target defines it."""
     spec = spec or default_spec()
     data = Path(path).read_bytes()
     interp = INTERPOLATIONS[DEFAULT_INTERPOLATION]  # what a new model's contract names
-    grey = decode_grey_frames(data, window=LUNG_WINDOW)[0][0]
+    reduced_for = size if reduced_jpeg else None
+    grey = decode_grey_frames(data, window=LUNG_WINDOW, reduced_jpeg_for=reduced_for)[0][0]
     small, _ = _shrink(grey, int(spec["work_size"]))
     img, framing = lung_crop(grey, size, interp, spec)
     t = _best_paired({  # the ratio's two sides in turn
         "imdecode": decoder_alone(data),
         "whole": lambda: [slice_stats(i, f) for i, _, f in decode_inputs(
-            read_file(path), size, DEFAULT_INTERPOLATION, window=LUNG_WINDOW, preprocessing=spec)],
+            read_file(path), size, DEFAULT_INTERPOLATION, window=LUNG_WINDOW, preprocessing=spec,
+            reduced_jpeg=reduced_jpeg)],
     }, repeats)
     t |= {
         "read": _best(lambda: read_file(path), repeats),
-        "decode": _best(lambda: decode_grey_frames(data, window=LUNG_WINDOW), repeats),
+        "decode": _best(lambda: decode_grey_frames(data, window=LUNG_WINDOW, reduced_jpeg_for=reduced_for), repeats),
         "working_copy": _best(lambda: _shrink(grey, int(spec["work_size"])), repeats),
         "framing": _best(lambda: find_body_and_lungs(small), repeats),
         "lung_crop": _best(lambda: lung_crop(grey, size, interp, spec), repeats),
@@ -107,10 +112,15 @@ def measure_set(paths: list[Path], **kw) -> dict:
     return out
 
 
+#: The row that measures a lever outside the contract: the same JPEG slices decoded at half scale.
+HALF_SCALE = "CT-like 512x512 JPEG, half-scale decode (`--fast-jpeg`: not the contract's path)"
+
+
 def sets(n: int, work: Path) -> dict[str, list[Path]]:
     from covidct.train.synthetic import make_archive
 
-    found = {"CT-like 512x512 JPEG (synthetic)": make_archive(work / "jpeg", n, seed=0, size=(512, 512))}
+    jpegs = make_archive(work / "jpeg", n, seed=0, size=(512, 512))
+    found = {"CT-like 512x512 JPEG (synthetic)": jpegs, HALF_SCALE: jpegs}
     for name in ("sarscov2-ct-subset", "ucsd-covid-ct"):
         pngs = sorted((SHARED / name).rglob("*.png"))
         if pngs:
@@ -129,17 +139,20 @@ def markdown(report: dict) -> str:
              "| slices | files | read | decoder alone | engine decode | working copy | framing | crop+resize+map "
              "| statistics | whole path | whole / decoder | target <= 1.5 |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, r in report["sets"].items():
+        verdict = "yes" if r["ratio"] <= 1.5 else "**no**"
         lines.append(f"| {name} | {r['files']} | {r['read']:.3f} | {r['imdecode']:.3f} | {r['decode']:.3f} | "
                      f"{r['working_copy']:.3f} | {r['framing']:.3f} | {r['crop_resize_map']:.3f} | "
                      f"{r['statistics']:.3f} | {r['whole']:.3f} | {r['ratio']:.2f} | "
-                     f"{'yes' if r['ratio'] <= 1.5 else '**no**'} |")
+                     f"{verdict + ' (not the contract)' if name == HALF_SCALE else verdict} |")
     lines += ["", "Decoder alone: `cv2.imdecode` (JPEG grey, PNG unchanged); for DICOM `pydicom` `pixel_array`. "
               "Engine decode adds the format and budget checks and grey conversion (DICOM: HU and window). "
               "Framing is lung-crop's search for the body and lungs on its 128-pixel working copy; "
               "crop+resize+map is the rest of lung-crop. Whole path: read_file + decode_inputs + slice_stats. "
               "The ratio's two sides (decoder alone, whole path) are timed in turn, call by call, so that a busy "
               "moment weighs on both; each stage column in a loop of its own, on warmer caches, so the stages "
-              "need not add up to the whole.", ""]
+              "need not add up to the whole. The half-scale row measures the lever the target names for JPEG "
+              "(libjpeg's DCT scaling, the engine's opt-in `--fast-jpeg`): its inputs differ from the contract's "
+              "(within 4 grey levels before lung-crop), so reaching 1.5 that way needs a new contract version.", ""]
     return "\n".join(lines) + "\n"
 
 
@@ -157,7 +170,8 @@ def main() -> None:
                   "interpolation": DEFAULT_INTERPOLATION,
                   "repeats": args.repeats, "command": "python -m benchmarks.decode_path " + " ".join(
                       f"--{k} {v}" for k, v in (("n", args.n), ("repeats", args.repeats))),
-                  "sets": {name: measure_set(paths, repeats=args.repeats) for name, paths in sets(args.n, Path(tmp)).items()}}
+                  "sets": {name: measure_set(paths, repeats=args.repeats, reduced_jpeg=name == HALF_SCALE)
+                           for name, paths in sets(args.n, Path(tmp)).items()}}
     args.results.mkdir(parents=True, exist_ok=True)
     stem = result_stem(args.results, "decode-path", {"cpu_flags": report["cpu_flags"]}, args.tag)
     stem.with_suffix(".json").write_text(json.dumps(report, indent=2, default=str))
