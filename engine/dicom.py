@@ -241,11 +241,14 @@ def _window_ramp(dtype: str, slope: float, intercept: float, level: float, width
     dt = np.dtype(dtype)
     info = np.iinfo(dt)
     low_hu, high_hu = level - width / 2.0, level + width / 2.0
+    first, last = (low_hu - intercept) / slope, (high_hu - intercept) / slope  # the window's stored values
+    alpha, beta = slope * 255.0 / width, (intercept - low_hu) * 255.0 / width
+    if not all(map(math.isfinite, (first, last, alpha, beta))):  # a header's extreme values: the table
+        return None
     clamp = lambda v: int(max(info.min, min(info.max, v)))  # noqa: E731
-    low, high = clamp(math.ceil((low_hu - intercept) / slope)), clamp(math.floor((high_hu - intercept) / slope))
+    low, high = clamp(math.ceil(first)), clamp(math.floor(last))
     if not low < high:
         return None
-    alpha, beta = slope * 255.0 / width, (intercept - low_hu) * 255.0 / width
     if invert:  # 255 - g: in the ramp x * alpha + beta lies in [0, 255], so the absolute value changes nothing
         alpha, beta = -alpha, 255.0 - beta
     values = np.arange(1 << 16, dtype=_LUT_TYPES[dt]).view(dt)  # value k has the bits k: the table's order
