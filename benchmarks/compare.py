@@ -28,6 +28,7 @@ import json
 import os
 import platform
 import shutil
+import statistics
 import subprocess
 import sys
 import threading
@@ -313,6 +314,31 @@ def archive_runs(work: Path, archives: dict[str, Path], model: Path, tag: str) -
     return out
 
 
+def paired_rounds(work: Path, archive: Path, model: Path, rounds: int) -> dict:
+    """covidct-batch and then the per-core loops over ``archive``, ``rounds`` times at FP32 and at INT8: each
+    round's figures and ratios, and the ratios' medians. A shared machine's speed moves between runs (here the
+    same INT8 run of 20,000 slices took 32 to 41 s within an hour); the two of a round see nearly the same
+    moments, and the median of the rounds is steadier than one run's ratio."""
+    int8 = model.with_suffix(".int8.onnx")
+    out = {}
+    for precision in ("fp32", "int8"):
+        done = []
+        for k in range(rounds):
+            print(f"[pairs] round {k + 1} of {rounds} at {precision} ...", file=sys.stderr, flush=True)
+            ours = covidct_batch(archive, model, work / "screen_pairs", ("--precision", precision))
+            loops = contender("per_core_loops", archive, int8 if precision == "int8" else model, work / "pairs",
+                              precision, ours.get("runtime"))
+            done.append({"covidct_batch": [round(ours["images_per_s"], 1), round(ours["end_to_end_images_per_s"], 1)],
+                         "per_core_loops": [round(loops["images_per_s"], 1),
+                                            round(loops["end_to_end_images_per_s"], 1)],
+                         "runtime": ours.get("runtime"), "precision": ours["precision"],
+                         "steady": ours["images_per_s"] / loops["images_per_s"],
+                         "end_to_end": ours["end_to_end_images_per_s"] / loops["end_to_end_images_per_s"]})
+        out[precision] = {"rounds": done, "steady": statistics.median(r["steady"] for r in done),
+                          "end_to_end": statistics.median(r["end_to_end"] for r in done)}
+    return out
+
+
 def dicom_runs(work: Path, n: int, model: Path) -> dict:
     """:func:`archive_runs` over ``n`` DICOM slices in each of DICOM_SYNTAXES."""
     return archive_runs(work, {syntax: make_dicom_archive(work / f"dicom_{syntax}_{n}", n, syntax)
@@ -496,6 +522,22 @@ def markdown(report: dict) -> str:
         if ag.get("bf16"):
             lines += ["", f"BF16: {ag['bf16']}."]
         lines.append("")
+    pairs = report.get("pairs")
+    if pairs:
+        k = len(next(iter(pairs.values()))["rounds"])
+        lines += [f"## covidct-batch and the per-core loops in turn, {k} rounds (architecture "
+                  f"`{report.get('pairs_arch')}`)", "",
+                  f"Command: `{report.get('pairs_command', '')}`. Each round runs covidct-batch, then the per-core "
+                  "loops with the runtime it chose; the targets use the median of the rounds' ratios.", "",
+                  "| precision | round | covidct-batch steady / end to end | per-core loops steady / end to end "
+                  "| ratio steady | ratio end to end |", "|---|---|---|---|---|---|"]
+        for precision, p in pairs.items():
+            for i, r in enumerate(p["rounds"], 1):
+                lines.append(f"| {precision} | {i} | {r['covidct_batch'][0]} / {r['covidct_batch'][1]} | "
+                             f"{r['per_core_loops'][0]} / {r['per_core_loops'][1]} | {r['steady']:.3f} | "
+                             f"{r['end_to_end']:.3f} |")
+            lines.append(f"| {precision} | **median** | | | **{p['steady']:.3f}** | **{p['end_to_end']:.3f}** |")
+        lines.append("")
     if report.get("rss"):
         sizes = [k for k in report["rss"] if k != "ratio"]
         lines += ["## Memory as the archive grows (a tiny model, 128x128 JPEG slices)", "",
@@ -563,6 +605,13 @@ def targets(report: dict) -> list[dict]:
             add(f"[{arch}] peak RSS (all processes, Ray's included) <= 3 x the plain loop's", v, v <= 3.0)
         add(f"[{arch}] first row on disk <= 1.5 s after the Ray runtime is up", b["startup_s"],
             b["startup_s"] is not None and b["startup_s"] <= 1.5)
+    arch0 = report.get("pairs_arch")
+    for precision, p in (report.get("pairs") or {}).items():
+        k = len(p["rounds"])
+        add(f"[{arch0}] steady >= 0.90 x the per-core loops at {precision.upper()}, median of {k} rounds in turn",
+            p["steady"], p["steady"] >= 0.90)
+        add(f"[{arch0}] end to end >= 0.85 x the per-core loops at {precision.upper()} ({n:,} slices), median of {k} "
+            "rounds in turn", p["end_to_end"], p["end_to_end"] >= 0.85)
     for label, _, rows in archive_sections(report):
         compressed = label.startswith("DICOM") and label != "DICOM uncompressed"
         for precision in ("fp32", "int8"):
@@ -613,6 +662,9 @@ def main() -> None:
                     help="also screen N real slices of ../shared/data's labelled sets with the default architecture")
     ap.add_argument("--add-real", type=int, default=0, metavar="N",
                     help="only run the real-slice part on N slices and add it to this machine class's saved report")
+    ap.add_argument("--add-pairs", type=int, default=0, metavar="K",
+                    help="only run covidct-batch and the per-core loops in turn K times at FP32 and INT8 (the first "
+                         "architecture) and add their ratios' medians to this machine class's saved report")
     ap.add_argument("--add-rss", action="store_true",
                     help="only run the RSS scaling (--rss-n) and add it to this machine class's saved report")
     ap.add_argument("--only", nargs="*", default=None)
@@ -621,7 +673,7 @@ def main() -> None:
                     "another vendor's CPU shows the same flags)")
     args = ap.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
-    if args.add_dicom or args.add_real or args.add_rss:
+    if args.add_dicom or args.add_real or args.add_rss or args.add_pairs:
         m = machine()
         stem = result_stem(args.results, "compare", m, args.tag)
         report = json.loads(stem.with_suffix(".json").read_text())
@@ -632,6 +684,13 @@ def main() -> None:
                 report[key] = runs(args.work, n, model)
                 report["command"] += f"; then python -m benchmarks.compare --add-{key} {n}" + (
                     f" --tag {args.tag}" if args.tag else "")
+        if args.add_pairs:
+            archive = make_archive(args.work / f"archive_{report['n']}", report["n"])
+            report["pairs"] = paired_rounds(args.work, archive, make_model(args.work, archive, args.arch[0]),
+                                            args.add_pairs)
+            report["pairs_arch"] = args.arch[0]
+            report["pairs_command"] = f"python -m benchmarks.compare --add-pairs {args.add_pairs}" + (
+                f" --tag {args.tag}" if args.tag else "") + f" ({time.strftime('%Y-%m-%d')})"
         if args.add_rss:
             report["rss"] = rss_scaling(args.work, *args.rss_n)
             report["command"] += f"; then python -m benchmarks.compare --add-rss --rss-n {' '.join(map(str, args.rss_n))}"

@@ -259,3 +259,32 @@ def test_the_real_slice_archive_holds_the_shared_sets_own_files(tmp_path):
     assert make_real_archive(tmp_path / "real", 5) == root and len(list_images(root)) == 5  # made once
     # nothing else in it: covidct-batch screens every file of a folder, and a marker inside was one row too many
     assert sorted(str(p) for p in root.rglob("*") if p.is_file()) == files
+
+
+def test_paired_rounds_report_the_median_ratio_and_the_targets_use_it(monkeypatch, tmp_path):
+    """``compare --add-pairs K``: covidct-batch and the per-core loops in turn, K rounds a precision; the
+    targets judge the median of the rounds' ratios, not one round (a shared machine's speed moves
+    between runs). The two contenders are stood in for by fixed figures here."""
+    from benchmarks import compare
+
+    # covidct-batch per round (FP32 three, then INT8 three); the loops 100: each first round's verdict is the
+    # median's opposite
+    steady = iter([85.0, 95.0, 92.0, 99.0, 70.0, 80.0])
+    e2e = iter([86.0, 80.0, 84.0, 70.0, 90.0, 88.0])
+    monkeypatch.setattr(compare, "covidct_batch", lambda archive, model, out, extra: {
+        "images_per_s": next(steady), "end_to_end_images_per_s": next(e2e), "runtime": "openvino",
+        "precision": extra[1]})
+    monkeypatch.setattr(compare, "contender", lambda name, archive, model, work, precision, runtime: {
+        "images_per_s": 100.0, "end_to_end_images_per_s": 100.0})
+    pairs = compare.paired_rounds(tmp_path, tmp_path, tmp_path / "model.onnx", 3)
+    assert [round(r["steady"], 2) for r in pairs["fp32"]["rounds"]] == [0.85, 0.95, 0.92]
+    assert round(pairs["fp32"]["steady"], 2) == 0.92 and round(pairs["fp32"]["end_to_end"], 2) == 0.84
+    assert round(pairs["int8"]["steady"], 2) == 0.80 and round(pairs["int8"]["end_to_end"], 2) == 0.88
+    report = {"n": 20000, "machine": {"cpu_flags": ["avx2"], "gpu": None}, "by_arch": {}, "pairs": pairs,
+              "pairs_arch": "compact"}
+    verdicts = {t["target"]: t["met"] for t in compare.targets(report) if "median" in t["target"]}
+    assert list(verdicts.values()) == [True, False, False, True], verdicts
+    assert "| fp32 | **median** | | | **0.920** | **0.840** |" in compare.markdown(
+        {**report, "targets": compare.targets(report), "date": "-", "command": "-",
+         "machine": {**report["machine"], "cores": 2, "cpu": "-", "onnxruntime": "-", "ray": "-", "opencv": "-",
+                     "python": "-"}})
