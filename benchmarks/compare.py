@@ -47,12 +47,7 @@ BIN = Path(sys.executable).parent
 
 def best_of(fn, repeats: int = 30) -> float:
     """Seconds of the fastest of ``repeats`` calls of ``fn``: the least disturbed by a shared machine."""
-    best = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t)
-    return best
+    return best_of_paired({"fn": fn}, repeats)["fn"]
 
 
 def best_of_paired(fns: dict, repeats: int = 30) -> dict:
